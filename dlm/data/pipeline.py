@@ -1,0 +1,346 @@
+"""From corpus to training batches: tokenize, cache, pack, shard, shuffle.
+
+``prepare`` is the one call the trainer makes. It loads the corpus, loads or
+trains ``workdir/tokenizer.model`` (never overwriting an existing one),
+tokenizes both splits into int32 token streams cached under ``workdir/data/``
+and packs them into rows:
+
+  stream = doc_0 + [eos] + doc_1 + [eos] + ...   ("concat" packing)
+  rows   = stream[:N * seq_len].reshape(N, seq_len)   (remainder dropped)
+
+Rows may start or end mid-document; the eos after each document marks the
+boundary. ``train_iterator`` turns rows into an endless, checkpointable grain
+iterator of per-process batches; ``eval_batches`` walks rows in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import tempfile
+import zlib
+from typing import Any, Iterator
+
+import chex
+import grain
+import ml_collections
+import numpy as np
+
+from dlm.data import corpora
+from dlm.data import tokenizer as tokenizer_lib
+
+TOKENIZER_FILE = "tokenizer.model"
+DATA_DIR = "data"
+CACHE_VERSION = 1
+REQUIRED_FIELDS = ("source", "root", "vocab_size", "seq_len", "val_permille",
+                   "tokenizer_max_chars")
+# Iterator prefetch: batches are slices of in-memory arrays, so a couple of
+# threads and a short buffer are plenty.
+PREFETCH_THREADS = 2
+PREFETCH_BUFFER = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+  """Everything the trainer needs from the data side.
+
+  Attributes:
+    tokenizer: the loaded tokenizer.
+    train_rows: int32 [N, seq_len] packed training rows.
+    val_rows: int32 [M, seq_len] packed validation rows.
+    meta: corpus meta, token counts, tokenizer vocab size and cache key.
+  """
+  tokenizer: tokenizer_lib.Tokenizer
+  train_rows: np.ndarray
+  val_rows: np.ndarray
+  meta: dict[str, Any]
+
+
+# ----------------------------------------------------------------- prepare --
+
+
+def _check_config(data_cfg: ml_collections.ConfigDict) -> None:
+  missing = [f for f in REQUIRED_FIELDS if f not in data_cfg]
+  if missing:
+    raise ValueError(f"data config lacks {', '.join(missing)}; add them to"
+                     " config.data")
+  if data_cfg.seq_len < 1:
+    raise ValueError(f"data.seq_len={data_cfg.seq_len} must be >= 1")
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+  """Writes ``data`` to a temp file next to ``path`` and renames it over."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, array, allow_pickle=False)
+  return buf.getvalue()
+
+
+def load_or_train_tokenizer(path: pathlib.Path, texts: list[str], *,
+                            vocab_size: int, max_chars: int
+                            ) -> tokenizer_lib.Tokenizer:
+  """Loads the tokenizer at ``path``, training it there first if absent."""
+  if not path.exists():
+    try:
+      return tokenizer_lib.train_tokenizer(
+          texts, path, vocab_size=vocab_size, max_chars=max_chars)
+    except FileExistsError:  # Another process won the race; use theirs.
+      pass
+  tok = tokenizer_lib.load_tokenizer(path)
+  if tok.vocab_size != vocab_size:
+    raise ValueError(
+        f"{path} has vocab_size {tok.vocab_size} but data.vocab_size is"
+        f" {vocab_size}; use a fresh workdir or set data.vocab_size to match")
+  return tok
+
+
+def pack_stream(docs: list[list[int]], eos_id: int) -> np.ndarray:
+  """int32 stream: each document's ids followed by ``eos_id``."""
+  out = np.empty(sum(len(d) + 1 for d in docs), dtype=np.int32)
+  pos = 0
+  for doc in docs:
+    out[pos:pos + len(doc)] = doc
+    out[pos + len(doc)] = eos_id
+    pos += len(doc) + 1
+  return out
+
+
+def to_rows(stream: np.ndarray, seq_len: int) -> np.ndarray:
+  """Splits a stream into [N, seq_len] rows, dropping the remainder."""
+  chex.assert_rank(stream, 1)
+  n = stream.shape[0] // seq_len
+  return stream[:n * seq_len].reshape(n, seq_len)
+
+
+def _cache_key(data_cfg: ml_collections.ConfigDict, corpus: corpora.Corpus,
+               tok: tokenizer_lib.Tokenizer) -> dict[str, Any]:
+  """What the cached streams depend on; a mismatch forces a rebuild."""
+  return {
+      "cache_version": CACHE_VERSION,
+      "source": data_cfg.source,
+      "root": None if data_cfg.root is None else str(data_cfg.root),
+      "val_permille": int(data_cfg.val_permille),
+      "corpus": corpus.meta,
+      "train_crc32": _texts_crc32(corpus.train),
+      "val_crc32": _texts_crc32(corpus.val),
+      "tokenizer_vocab_size": tok.vocab_size,
+      "tokenizer_crc32": tok.fingerprint(),
+  }
+
+
+def _texts_crc32(texts: list[str]) -> str:
+  crc = 0
+  for text in texts:
+    crc = zlib.crc32(text.encode("utf-8"), crc)
+    crc = zlib.crc32(b"\x00", crc)  # Separator: docs ["ab"] != ["a", "b"].
+  return f"{crc:08x}"
+
+
+def _load_cached_streams(data_dir: pathlib.Path, key: dict[str, Any]
+                         ) -> tuple[np.ndarray, np.ndarray, dict] | None:
+  """The cached (train, val, meta) if present and built with ``key``."""
+  try:
+    meta = json.loads((data_dir / "meta.json").read_text())
+    if meta.get("key") != key:
+      return None
+    train = np.load(data_dir / "train.npy", allow_pickle=False)
+    val = np.load(data_dir / "val.npy", allow_pickle=False)
+  except (OSError, ValueError):
+    return None
+  if (train.dtype != np.int32 or val.dtype != np.int32
+      or train.shape != (meta["train_tokens"],)
+      or val.shape != (meta["val_tokens"],)):
+    return None
+  return train, val, meta
+
+
+def _build_streams(data_dir: pathlib.Path, key: dict[str, Any],
+                   corpus: corpora.Corpus, tok: tokenizer_lib.Tokenizer
+                   ) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Tokenizes both splits and writes the cache (meta.json last)."""
+  train = pack_stream(tok.encode_batch(corpus.train), tok.eos_id)
+  val = pack_stream(tok.encode_batch(corpus.val), tok.eos_id)
+  meta = {
+      "key": key,
+      **corpus.meta,
+      "train_tokens": int(train.shape[0]),
+      "val_tokens": int(val.shape[0]),
+      "vocab_size": tok.vocab_size,
+  }
+  _atomic_write(data_dir / "train.npy", _npy_bytes(train))
+  _atomic_write(data_dir / "val.npy", _npy_bytes(val))
+  _atomic_write(data_dir / "meta.json",
+                json.dumps(meta, indent=2, sort_keys=True).encode())
+  return train, val, meta
+
+
+def _rows_or_raise(stream: np.ndarray, seq_len: int, split: str) -> np.ndarray:
+  rows = to_rows(stream, seq_len)
+  if rows.shape[0] == 0:
+    raise ValueError(
+        f"the {split} split has {stream.shape[0]} tokens, fewer than"
+        f" data.seq_len={seq_len}; lower seq_len or use a bigger corpus")
+  return rows
+
+
+def prepare(data_cfg: ml_collections.ConfigDict,
+            workdir: str | os.PathLike[str]) -> PreparedData:
+  """Corpus -> tokenizer -> cached token streams -> packed rows.
+
+  Args:
+    data_cfg: fields source, root, vocab_size, seq_len, val_permille,
+      tokenizer_max_chars.
+    workdir: run directory; holds tokenizer.model and data/{train,val}.npy,
+      data/meta.json.
+
+  Returns:
+    PreparedData with int32 [N, seq_len] train rows and [M, seq_len] val rows.
+  """
+  _check_config(data_cfg)
+  workdir = pathlib.Path(workdir)
+  corpus = corpora.load_corpus(data_cfg.source, root=data_cfg.root,
+                               val_permille=data_cfg.val_permille)
+  tok = load_or_train_tokenizer(
+      workdir / TOKENIZER_FILE, corpus.train, vocab_size=data_cfg.vocab_size,
+      max_chars=data_cfg.tokenizer_max_chars)
+  data_dir = workdir / DATA_DIR
+  key = _cache_key(data_cfg, corpus, tok)
+  cached = _load_cached_streams(data_dir, key)
+  train, val, meta = cached or _build_streams(data_dir, key, corpus, tok)
+  meta = {**meta, "cache_hit": cached is not None,
+          "seq_len": int(data_cfg.seq_len)}
+  train_rows = _rows_or_raise(train, data_cfg.seq_len, "train")
+  val_rows = _rows_or_raise(val, data_cfg.seq_len, "val")
+  chex.assert_rank([train_rows, val_rows], 2)
+  chex.assert_type([train_rows, val_rows], np.int32)
+  return PreparedData(tokenizer=tok, train_rows=train_rows, val_rows=val_rows,
+                      meta=meta)
+
+
+# --------------------------------------------------------------- iterators --
+
+
+def _check_rows(rows: np.ndarray) -> None:
+  chex.assert_rank(rows, 2)
+  chex.assert_type(rows, np.int32)
+
+
+def _as_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
+  return {"tokens": tokens}
+
+
+def process_rows(num_rows: int, process_index: int, process_count: int
+                 ) -> tuple[int, slice]:
+  """(rows per process, this process's slice of the row indices).
+
+  Rows are first truncated to a multiple of ``process_count`` so that every
+  process has the same epoch length, then dealt round-robin.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in"
+                     f" [0, process_count={process_count})")
+  per_process = num_rows // process_count
+  return per_process, slice(process_index, per_process * process_count,
+                            process_count)
+
+
+def train_iterator(rows: np.ndarray, *, batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1
+                   ) -> grain.DatasetIterator:
+  """Endless shuffled batches {"tokens": int32 [batch_size, L]} for a process.
+
+  Each process gets rows ``[process_index::process_count]`` (after truncating
+  to equal counts), shuffled with ``seed`` and reshuffled every epoch; batches
+  are drawn from the endless stream of epochs, so an epoch boundary may fall
+  inside a batch. The iterator is checkpointable: ``get_state()`` is a
+  JSON-serializable dict, and ``set_state(state)`` on a fresh iterator built
+  with the same arguments continues exactly where the saved one stopped.
+
+  Args:
+    rows: int32 [N, L] packed rows (the same on every process).
+    batch_size: per-process batch size.
+    seed: shuffle seed (use the same on every process).
+    process_index: this process, in [0, process_count).
+    process_count: number of data-loading processes.
+  """
+  _check_rows(rows)
+  per_process, sl = process_rows(rows.shape[0], process_index, process_count)
+  if batch_size < 1 or per_process < batch_size:
+    raise ValueError(
+        f"batch_size={batch_size} needs 1..{per_process} (rows per process);"
+        " lower the batch size or use more data / a shorter seq_len")
+  ds = (grain.MapDataset.source(rows)[sl]
+        .shuffle(seed=seed)
+        .repeat()
+        .batch(batch_size, drop_remainder=True)
+        .map(_as_batch))
+  read_options = grain.ReadOptions(num_threads=PREFETCH_THREADS,
+                                   prefetch_buffer_size=PREFETCH_BUFFER)
+  return iter(ds.to_iter_dataset(read_options))
+
+
+def eval_batches(rows: np.ndarray, *, batch_size: int,
+                 max_rows: int | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """In-order batches covering ``rows[:max_rows]``, the last one zero-padded.
+
+  Yields {"tokens": int32 [B, L], "loss_mask": float32 [B, L]}; padding rows
+  are all ``0`` (the pad id) with loss_mask 0, real rows have loss_mask 1.
+  """
+  _check_rows(rows)
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  if max_rows is not None:
+    rows = rows[:max_rows]
+  for start in range(0, rows.shape[0], batch_size):
+    chunk = rows[start:start + batch_size]
+    tokens = np.zeros((batch_size, rows.shape[1]), dtype=np.int32)
+    tokens[:chunk.shape[0]] = chunk
+    loss_mask = np.zeros((batch_size, rows.shape[1]), dtype=np.float32)
+    loss_mask[:chunk.shape[0]] = 1.0
+    yield {"tokens": tokens, "loss_mask": loss_mask}
+
+
+def num_eval_batches(num_rows: int, *, batch_size: int,
+                     max_rows: int | None = None) -> int:
+  """How many batches ``eval_batches`` yields."""
+  n = num_rows if max_rows is None else min(num_rows, max_rows)
+  return -(-n // batch_size)
+
+
+# ------------------------------------------------------------------ metric --
+
+
+def unigram_bits_per_byte(rows: np.ndarray, piece_bytes: np.ndarray) -> float:
+  """Bits per byte of ``rows`` under their own empirical unigram distribution.
+
+  H = -sum_v p_v log2 p_v over the token frequencies p of exactly these tokens
+  (eos included); returns H * num_tokens / sum(piece_bytes[tokens]). A model
+  must beat this (in-sample, so slightly optimistic) baseline.
+  """
+  tokens = np.asarray(rows).reshape(-1)
+  chex.assert_rank(piece_bytes, 1)
+  counts = np.bincount(tokens, minlength=piece_bytes.shape[0]).astype(np.float64)
+  if counts.shape[0] != piece_bytes.shape[0]:
+    raise ValueError(f"token id {tokens.max()} is outside piece_bytes of size"
+                     f" {piece_bytes.shape[0]}; pass the tokenizer's piece_bytes")
+  total_bytes = float(np.dot(counts, piece_bytes.astype(np.float64)))
+  if total_bytes <= 0:
+    raise ValueError("rows decode to 0 bytes; pass rows of real text")
+  p = counts[counts > 0] / tokens.shape[0]
+  bits = -float(np.sum(p * np.log2(p))) * tokens.shape[0]
+  return bits / total_bytes

@@ -1,0 +1,298 @@
+"""A lossless byte-fallback BPE tokenizer for code (sentencepiece).
+
+Special ids (fixed by ``train_tokenizer`` and checked when loading):
+
+  0 <pad>   padding; eval batches pad with zeros, so padding reads as <pad>
+  1 <unk>   never produced (byte fallback covers every character)
+  2 <s>     bos; reserved, the pipeline does not use it
+  3 </s>    eos; appended after every document (the document separator)
+  4 <mask>  the absorbing-state token of masked diffusion
+
+All five are control/unknown pieces: ``encode`` never produces them from text
+(the literal string "<mask>" encodes as ordinary pieces) and ``decode`` renders
+them as nothing, except ``<mask>`` when ``show_mask`` is given. Ids 5..260 are
+the 256 byte-fallback pieces, the rest are learned BPE merges.
+
+Whitespace: the model uses identity normalization and keeps spaces, tabs and
+newlines. sentencepiece keeps '\\n' inside a training sentence, so documents
+are fed as line-aligned chunks of several lines and pieces such as "):\\n",
+"\\n\\n" and runs of indentation spaces are learned. sentencepiece maps ' ' to
+U+2581 internally, so a literal U+2581 in the input would decode as a space;
+``encode`` therefore emits literal U+2581 characters as their three UTF-8
+byte-fallback ids, which keeps ``decode(encode(text)) == text`` exact for
+every str that is valid Unicode (lone surrogates cannot be encoded at all).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import tempfile
+import zlib
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
+MASK_PIECE = "<mask>"
+NUM_SPECIAL = 5
+NUM_BYTE_PIECES = 256
+# sentencepiece's internal whitespace symbol (U+2581, "lower one eighth block").
+SPACE_SYMBOL = "\u2581"
+TRAIN_CHUNK_CHARS = 2048
+CHARACTER_COVERAGE = 0.9995
+
+
+def write_new_file(path: str | os.PathLike[str], data: bytes) -> None:
+  """Atomically creates ``path`` with ``data``; never replaces an existing file.
+
+  Writes a temporary file in the same directory, then hard-links it into place
+  (fails if ``path`` exists). Where hard links are unsupported it falls back to
+  an existence check plus ``os.replace``.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    _link_no_clobber(pathlib.Path(tmp), path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def _link_no_clobber(tmp: pathlib.Path, path: pathlib.Path) -> None:
+  if path.exists():
+    raise FileExistsError(
+        f"{path} already exists; load it with load_tokenizer or delete it")
+  try:
+    os.link(tmp, path)
+  except FileExistsError:
+    raise FileExistsError(
+        f"{path} already exists; load it with load_tokenizer or delete it"
+    ) from None
+  except OSError:  # No hard links on this filesystem.
+    os.replace(tmp, path)
+
+
+def _line_chunks(text: str, chunk_chars: int) -> Iterator[str]:
+  """Splits ``text`` into chunks of whole lines of at most ``chunk_chars``.
+
+  Lines longer than ``chunk_chars`` are cut into pieces of that size.
+  """
+  buf, size = [], 0
+  for line in text.splitlines(keepends=True):
+    for start in range(0, len(line), chunk_chars):
+      part = line[start:start + chunk_chars]
+      if size + len(part) > chunk_chars and buf:
+        yield "".join(buf)
+        buf, size = [], 0
+      buf.append(part)
+      size += len(part)
+  if buf:
+    yield "".join(buf)
+
+
+def training_sample(texts: Sequence[str], *, max_chars: int, seed: int = 0,
+                    chunk_chars: int = TRAIN_CHUNK_CHARS) -> list[str]:
+  """A bounded deterministic sample of line-aligned chunks of ``texts``.
+
+  All documents are cut into chunks of whole lines, the chunks are shuffled
+  with ``seed`` and taken in that order while the total stays within
+  ``max_chars``. The result depends only on the texts, ``max_chars``, ``seed``.
+  """
+  chunks = [c for t in texts for c in _line_chunks(t, chunk_chars)]
+  order = np.random.default_rng(seed).permutation(len(chunks))
+  sample, total = [], 0
+  for i in order:
+    if total + len(chunks[i]) > max_chars:
+      continue
+    sample.append(chunks[i])
+    total += len(chunks[i])
+  return sample
+
+
+def _trainer_kwargs(vocab_size: int, chunk_chars: int) -> dict[str, object]:
+  return dict(
+      model_type="bpe",
+      vocab_size=vocab_size,
+      normalization_rule_name="identity",
+      byte_fallback=True,
+      add_dummy_prefix=False,
+      remove_extra_whitespaces=False,
+      split_digits=True,
+      allow_whitespace_only_pieces=True,
+      character_coverage=CHARACTER_COVERAGE,
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      control_symbols=[MASK_PIECE],
+      # A chunk of `chunk_chars` characters has at most 4 bytes per character.
+      max_sentence_length=4 * chunk_chars + 16,
+      num_threads=max(1, min(os.cpu_count() or 1, 16)),
+      minloglevel=2,
+  )
+
+
+def train_tokenizer(texts: Sequence[str], out_path: str | os.PathLike[str], *,
+                    vocab_size: int, max_chars: int = 4_000_000,
+                    seed: int = 0) -> Tokenizer:
+  """Trains a byte-fallback BPE tokenizer in-process and writes it to out_path.
+
+  Args:
+    texts: training documents.
+    out_path: where to write the sentencepiece model; must not exist yet.
+    vocab_size: total vocabulary size, including the 5 specials and the 256
+      byte pieces.
+    max_chars: bound on the training sample (see ``training_sample``).
+    seed: seed of the sample.
+
+  Returns:
+    The loaded Tokenizer.
+  """
+  min_vocab = NUM_SPECIAL + NUM_BYTE_PIECES + 1
+  if vocab_size < min_vocab:
+    raise ValueError(
+        f"vocab_size={vocab_size} is too small; use at least {min_vocab}"
+        " (5 specials + 256 byte pieces + merges)")
+  if pathlib.Path(out_path).exists():
+    raise FileExistsError(
+        f"{out_path} already exists; load it with load_tokenizer or delete it")
+  sample = training_sample(texts, max_chars=max_chars, seed=seed)
+  if not sample:
+    raise ValueError("no training text for the tokenizer; pass non-empty texts")
+  model = io.BytesIO()
+  spm.set_random_generator_seed(seed)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample), model_writer=model,
+        **_trainer_kwargs(vocab_size, TRAIN_CHUNK_CHARS))
+  except RuntimeError as e:
+    raise ValueError(
+        f"sentencepiece training failed ({str(e).strip()}); try a different"
+        " vocab_size or more training text") from None
+  write_new_file(out_path, model.getvalue())
+  return Tokenizer(out_path)
+
+
+class Tokenizer:
+  """A loaded sentencepiece model with exact round trips and special ids."""
+
+  def __init__(self, path: str | os.PathLike[str]):
+    self.path = pathlib.Path(path)
+    self._sp = _load_processor(self.path)
+    self.vocab_size: int = self._sp.get_piece_size()
+    self.pad_id: int = self._sp.pad_id()
+    self.bos_id: int = self._sp.bos_id()
+    self.eos_id: int = self._sp.eos_id()
+    self.unk_id: int = self._sp.unk_id()
+    self.mask_id: int = self._sp.piece_to_id(MASK_PIECE)
+    self._check_specials()
+    self._num_threads = max(1, min(os.cpu_count() or 1, 16))
+    self._piece_table = [self._piece_to_bytes(i) for i in range(self.vocab_size)]
+    self._space_symbol_ids = [
+        self._sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_SYMBOL.encode()]
+
+  def _check_specials(self) -> None:
+    specials = (self.pad_id, self.unk_id, self.bos_id, self.eos_id)
+    if min(specials) < 0 or not self._sp.is_control(self.mask_id):
+      raise ValueError(
+          f"{self.path} lacks pad/unk/bos/eos or a {MASK_PIECE} control"
+          " symbol; retrain it with dlm.data.tokenizer.train_tokenizer")
+    if not self._sp.is_byte(NUM_SPECIAL):
+      raise ValueError(
+          f"{self.path} was not trained with byte_fallback; retrain it with"
+          " dlm.data.tokenizer.train_tokenizer")
+
+  def is_special(self, i: int) -> bool:
+    """Whether id ``i`` is a control or unknown piece (decodes to nothing)."""
+    return bool(self._sp.is_control(i) or self._sp.is_unknown(i)
+                or self._sp.is_unused(i))
+
+  def _piece_to_bytes(self, i: int) -> bytes:
+    if self.is_special(i):
+      return b""
+    piece = self._sp.id_to_piece(i)
+    if self._sp.is_byte(i):
+      return bytes([int(piece[1:-1], 16)])  # "<0xAB>"
+    return piece.replace(SPACE_SYMBOL, " ").encode("utf-8")
+
+  def piece_bytes(self) -> np.ndarray:
+    """int32 [vocab_size]: UTF-8 bytes each id contributes when decoded."""
+    return np.array([len(b) for b in self._piece_table], dtype=np.int32)
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(i)
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text`` (no bos/eos added)."""
+    return self.encode_batch([text])[0]
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text; multithreaded inside sentencepiece."""
+    texts = list(texts)
+    out = self._sp.encode(texts, num_threads=self._num_threads)
+    for i, text in enumerate(texts):
+      if SPACE_SYMBOL in text:
+        out[i] = self._encode_with_space_symbols(text)
+    return out
+
+  def _encode_with_space_symbols(self, text: str) -> list[int]:
+    """Encodes around literal U+2581, which becomes its byte-fallback ids."""
+    parts = self._sp.encode(text.split(SPACE_SYMBOL),
+                            num_threads=self._num_threads)
+    ids = list(parts[0])
+    for part in parts[1:]:
+      ids.extend(self._space_symbol_ids)
+      ids.extend(part)
+    return ids
+
+  def decode(self, ids: Iterable[int] | np.ndarray, *,
+             show_mask: str | None = None) -> str:
+    """Text of ``ids``; specials decode to "", ``mask_id`` to ``show_mask``.
+
+    Invalid UTF-8 from byte pieces (e.g. a sequence cut mid-character) is
+    replaced by U+FFFD.
+    """
+    if isinstance(ids, Iterator):
+      ids = list(ids)
+    ids = np.asarray(ids, dtype=np.int64)  # Lists, numpy and jax arrays.
+    if ids.ndim != 1:
+      raise ValueError(f"decode takes a 1-D id sequence, got shape {ids.shape};"
+                       " decode each row separately")
+    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+      raise ValueError(f"ids must lie in [0, {self.vocab_size}); got"
+                       f" [{ids.min()}, {ids.max()}]; check the model's vocab")
+    table = self._piece_table
+    if show_mask is not None:
+      table = list(table)
+      table[self.mask_id] = show_mask.encode("utf-8")
+    return b"".join([table[i] for i in ids.tolist()]).decode(
+        "utf-8", errors="replace")
+
+  def fingerprint(self) -> str:
+    """crc32 of the model file, to tie caches to this exact tokenizer."""
+    return f"{zlib.crc32(self.path.read_bytes()):08x}"
+
+
+def _load_processor(path: pathlib.Path) -> spm.SentencePieceProcessor:
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"tokenizer model {path} not found; train one with"
+        " dlm.data.tokenizer.train_tokenizer or fix the path")
+  sp = spm.SentencePieceProcessor()
+  try:
+    sp.load(str(path))
+  except (RuntimeError, OSError) as e:
+    raise ValueError(
+        f"{path} is not a valid sentencepiece model ({str(e).strip()});"
+        " delete it and retrain") from None
+  return sp
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+  """Loads a tokenizer written by ``train_tokenizer``."""
+  return Tokenizer(path)

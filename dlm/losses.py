@@ -1,0 +1,141 @@
+"""Training losses: Monte Carlo estimators of a process's NELBO.
+
+A loss is
+
+  loss_fn(params, batch, rng, *, model, process, config) -> (scalar, metrics)
+
+with model(params, x_t, t) -> logits float32 [B, L, V], batch = {"tokens":
+int32 [B, L], optional "loss_mask": [B, L]} and config the `config.loss`
+sub-config (`antithetic: bool`, `num_steps: int`). The scalar is the NELBO in
+nats per counted token (total nats / counted tokens), which is what the
+optimizer minimizes; metrics hold "loss" (the same scalar), "nelbo_sum" (nats
+summed over the batch) and "num_tokens" (counted positions, float). Configs
+name a loss by registry name or "module:function".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from dlm.processes import common
+from dlm.processes.base import Process
+from dlm.registry import Registry
+
+Array = jnp.ndarray
+Metrics = dict[str, Array]
+LossFn = Callable[..., tuple[Array, Metrics]]
+
+LOSSES: Registry[LossFn] = Registry("loss")
+
+
+def get_loss(name: str) -> LossFn:
+  """Registered name ("nelbo", "discrete_nelbo") or "module:function"."""
+  return LOSSES.get(name)
+
+
+def _cfg_get(config: Any, key: str, default: Any) -> Any:
+  if config is None:
+    return default
+  if hasattr(config, "get"):
+    return config.get(key, default)
+  return getattr(config, key, default)
+
+
+def _tokens_and_mask(batch: dict[str, Array]) -> tuple[Array, Array]:
+  x0 = batch["tokens"]
+  chex.assert_rank(x0, 2)
+  chex.assert_type(x0, int)
+  return x0, common.loss_mask_or_ones(batch.get("loss_mask"), x0)
+
+
+def _per_token(nelbo_per_seq: Array, loss_mask: Array) -> tuple[Array, Metrics]:
+  """[B] nats -> (nats per counted token, metrics)."""
+  nelbo_sum = jnp.sum(nelbo_per_seq)
+  num_tokens = jnp.sum(loss_mask)
+  loss = nelbo_sum / jnp.maximum(num_tokens, 1.0)
+  return loss, {"loss": loss, "nelbo_sum": nelbo_sum, "num_tokens": num_tokens}
+
+
+def _logits(model: Callable[..., Array], params: Any, x_t: Array,
+            t: Array, vocab_size: int) -> Array:
+  logits = model(params, x_t, t)
+  common.check_logits(logits, x_t, vocab_size)
+  return logits.astype(jnp.float32)
+
+
+@LOSSES.register("nelbo")
+def nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
+               model: Callable[..., Array], process: Process,
+               config: Any) -> tuple[Array, Metrics]:
+  """Continuous-time NELBO, t ~ U(0,1] per sequence (MD4 eq. 4 / MDLM eq. 10; CTMC ELBO)."""
+  x0, loss_mask = _tokens_and_mask(batch)
+  rng_t, rng_x = jax.random.split(rng)
+  t = common.sample_times(rng_t, x0.shape[0],
+                          antithetic=bool(_cfg_get(config, "antithetic", True)))
+  x_t = process.corrupt(rng_x, x0, t)
+  logits = _logits(model, params, x_t, t, process.vocab_size)
+  return _per_token(process.nelbo(logits, x0, x_t, t, loss_mask), loss_mask)
+
+
+@LOSSES.register("discrete_nelbo")
+def discrete_nelbo_loss(params: Any, batch: dict[str, Array],
+                        rng: chex.PRNGKey, *, model: Callable[..., Array],
+                        process: Process,
+                        config: Any) -> tuple[Array, Metrics]:
+  """T-step NELBO as T * KL term at i ~ U{1..T}, t = i/T, s = (i-1)/T (D3PM eq. 1).
+
+  i is drawn per sequence (stratified over the batch when config.antithetic).
+  The prior and t = 0 reconstruction terms are omitted: they vanish for
+  schedules with alpha(1) = 0 and alpha(0) = 1 (eps = 0), and are O(eps) else.
+  """
+  num_steps = int(_cfg_get(config, "num_steps", 0) or 0)
+  if num_steps < 1:
+    raise ValueError(
+        f"discrete_nelbo needs config.loss.num_steps >= 1, got {num_steps}")
+  x0, loss_mask = _tokens_and_mask(batch)
+  rng_t, rng_x = jax.random.split(rng)
+  u = common.sample_times(rng_t, x0.shape[0],
+                          antithetic=bool(_cfg_get(config, "antithetic", True)))
+  i = jnp.clip(jnp.ceil(u * num_steps), 1, num_steps)  # [B] in {1..T}
+  t, s = i / num_steps, (i - 1.0) / num_steps
+  x_t = process.corrupt(rng_x, x0, t)
+  logits = _logits(model, params, x_t, t, process.vocab_size)
+  per_seq = num_steps * process.discrete_nelbo(logits, x0, x_t, t, s, loss_mask)
+  return _per_token(per_seq, loss_mask)
+
+
+@LOSSES.register("nelbo_count")
+def count_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
+                     model: Callable[..., Array], process: Process,
+                     config: Any) -> tuple[Array, Metrics]:
+  """Absorbing NELBO in any-order form: n ~ U{1..L}, mask n positions, (L/n) sum -log p (Ou et al. 2024, RADD).
+
+  Same expectation as ``nelbo`` for a denoiser that ignores t, for every
+  schedule: substituting u = alpha(t), int_0^1 Bin(n; L, 1-u) / (1-u) du = 1/n,
+  so NELBO = sum_n (1/L) E[(L/n) sum_{masked} -log p(x0 | x_t) | n masked].  The
+  1/t weight that makes the time-sampled estimator's variance diverge at small
+  t is gone: every sequence weighs at most L/1 on one token, and n is
+  stratified over the batch.  Only for absorbing (masked) processes; a
+  time-conditioned denoiser is given t = n / L.
+  """
+  if not hasattr(process, "x0_logits"):
+    raise ValueError("loss 'nelbo_count' needs an absorbing (masked) process; use 'nelbo'")
+  x0, loss_mask = _tokens_and_mask(batch)
+  b = x0.shape[0]
+  rng_n, rng_pos = jax.random.split(rng)
+  length = jnp.sum(loss_mask, axis=-1)  # [B] counted positions per row
+  u = common.sample_times(rng_n, b, antithetic=bool(_cfg_get(config, "antithetic", True)))
+  n = jnp.clip(jnp.ceil(u * length), 1.0, jnp.maximum(length, 1.0))  # [B] in {1..L}
+  scores = jnp.where(loss_mask > 0, jax.random.uniform(rng_pos, x0.shape), 2.0)  # [B, L]
+  ranks = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)  # a uniform random order
+  masked = ranks < n[:, None]  # exactly n counted positions per row
+  x_t = jnp.where(masked, process.mask_id, x0)
+  t = n / jnp.maximum(length, 1.0)
+  logits = _logits(model, params, x_t, t, process.vocab_size)
+  logp = common.gather_last(process.x0_logits(logits, x_t), x0)  # [B, L]
+  per_seq = (length / n) * jnp.sum(jnp.where(masked, -logp, 0.0), axis=-1)  # [B]
+  return _per_token(jnp.where(length > 0, per_seq, 0.0), loss_mask)

@@ -1,0 +1,132 @@
+"""The ``dlm`` command: ``dlm train | sample | eval`` (absl flags + ml_collections configs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable
+
+from absl import flags
+from ml_collections import config_flags
+
+COMMANDS = ("train", "sample", "eval")
+USAGE = f"usage: dlm {{{'|'.join(COMMANDS)}}} [--flags]; `dlm CMD --helpfull` lists a command's flags"
+
+
+def _define_train_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/quickstart.py[:smoke].",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.")
+
+
+def _define_sample_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A trained run's directory.")
+  flags.DEFINE_string("prompt", None, "Fixed prefix; the rest of the row is generated.")
+  flags.DEFINE_string("infill", None, "Template with <gap> or <gap:N> markers to fill.")
+  flags.DEFINE_integer("num_samples", None, "Number of samples (default: config.sample).")
+  flags.DEFINE_integer("steps", None, "Denoising steps (default: config.sample).")
+  flags.DEFINE_integer("seed", None, "Sampling seed (default: config.sample).")
+  flags.DEFINE_float("temperature", None, "Softmax temperature; 0 = argmax.")
+  flags.DEFINE_float("top_p", None, "Nucleus mass in (0, 1].")
+  flags.DEFINE_integer("length", None, "Tokens per sample (default: data.seq_len).")
+  flags.DEFINE_integer("gap_length", 16, "Tokens per <gap> marker without an explicit :N.")
+
+
+def _define_eval_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A trained run's directory.")
+  flags.DEFINE_integer("max_rows", None, "Evaluate at most this many validation rows (0 = all).")
+  flags.DEFINE_integer("num_passes", None, "Stratified time passes over the rows.")
+
+
+def cmd_train() -> None:
+  from dlm.train import loop
+  cfg = flags.FLAGS.config
+  if cfg is None:
+    raise _usage("dlm train needs --config=configs/quickstart.py (or another recipe)")
+  result = loop.train(cfg, _workdir())
+  print(json.dumps(result))
+
+
+def cmd_sample() -> None:
+  from dlm.sample import generate
+  from dlm.workdir import load_run
+  f = flags.FLAGS
+  run = load_run(_workdir())
+  sc = run.config.sample
+  length = f.length or int(sc.get("length", 0)) or int(run.config.data.seq_len)
+  temperature = sc.temperature if f.temperature is None else f.temperature
+  top_p = sc.top_p if f.top_p is None else f.top_p
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise _usage(f"need --temperature >= 0 and 0 < --top_p <= 1, got {temperature}, {top_p}")
+  given, fixed = generate.build_template(run.tokenizer, length=length, prompt=f.prompt,
+                                         infill=f.infill, gap_length=f.gap_length)
+  tokens, nfe = generate.sample_tokens(
+      run.denoiser(), run.process, given, fixed,
+      num_samples=f.num_samples or int(sc.num_samples),
+      seed=sc.seed if f.seed is None else f.seed, sampler=sc.sampler,
+      steps=f.steps or int(sc.steps), temperature=float(temperature), top_p=float(top_p))
+  for i, text in enumerate(generate.decode_samples(run.tokenizer, tokens)):
+    print(f"===== sample {i} (step {run.step}, nfe {nfe}) =====")
+    print(text)
+
+
+def cmd_eval() -> None:
+  from dlm.eval import run_eval
+  f = flags.FLAGS
+  result = run_eval.evaluate_workdir(_workdir(), max_rows=f.max_rows, num_passes=f.num_passes)
+  print(json.dumps(result))
+
+
+class _UsageError(Exception):
+  pass
+
+
+def _usage(msg: str) -> _UsageError:
+  return _UsageError(msg)
+
+
+def _workdir() -> str:
+  if not flags.FLAGS.workdir:
+    raise _usage("--workdir=DIR is required")
+  return flags.FLAGS.workdir
+
+
+_COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
+    "train": (_define_train_flags, cmd_train),
+    "sample": (_define_sample_flags, cmd_sample),
+    "eval": (_define_eval_flags, cmd_eval),
+}
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Entry point of the ``dlm`` console script."""
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] not in _COMMANDS:
+    print(USAGE, file=sys.stderr)
+    sys.exit(2)
+  cmd = argv[1]
+  define, body = _COMMANDS[cmd]
+  define()
+  try:
+    flags.FLAGS([f"dlm {cmd}"] + argv[2:])
+  except flags.Error as e:
+    print(f"dlm {cmd}: error: {e}".splitlines()[0], file=sys.stderr)
+    sys.exit(2)
+  from dlm.errors import UserError
+  try:
+    body()
+  except _UsageError as e:
+    print(f"dlm {cmd}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
+    if os.environ.get("DLM_DEBUG"):
+      raise
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    hint = "" if isinstance(e, UserError) else " (DLM_DEBUG=1 shows the traceback)"
+    print(f"dlm {cmd}: error: {msg}{hint}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  run()

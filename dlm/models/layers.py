@@ -1,0 +1,139 @@
+"""Transformer building blocks: RMSNorm, RoPE, attention, SwiGLU, adaLN time conditioning.
+
+Every parameter carries logical axis names (``nnx.with_partitioning``) and
+every activation is constrained by name through ``dlm.parallel.constrain``.
+Parameters are float32; ``dtype`` is the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dlm.parallel import constrain
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None, ...]) -> nnx.Param:
+  """A float32 parameter whose dimensions carry logical axis names (sharded later, by rules)."""
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names, eager_sharding=False)
+
+
+def _fan_in_init(fan_in: int):
+  return jax.nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
+
+
+class RMSNorm(nnx.Module):
+  """y = w * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019), computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding, rotate-half form (Su et al. 2021, eq. 34; LLaMA layout).
+
+  x: [B, L, N, H]; positions: [B, L] int.  Dimension j pairs with j + H/2.
+  """
+  h = x.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)  # [H/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., : h // 2], x32[..., h // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with RoPE through ``jax.nn.dot_product_attention``."""
+
+  def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rope_theta: float,
+               dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.num_heads, self.head_dim, self.rope_theta, self.dtype = num_heads, head_dim, rope_theta, dtype
+    init = _fan_in_init(d_model)
+    self.wq = param(rngs, init, (d_model, num_heads, head_dim), ("embed", "heads", "kv"))
+    self.wk = param(rngs, init, (d_model, num_heads, head_dim), ("embed", "heads", "kv"))
+    self.wv = param(rngs, init, (d_model, num_heads, head_dim), ("embed", "heads", "kv"))
+    self.wo = param(rngs, _fan_in_init(num_heads * head_dim), (num_heads, head_dim, d_model),
+                     ("heads", "kv", "embed"))
+
+  def __call__(self, x: Array, positions: Array, mask: Array | None) -> Array:
+    dt = self.dtype
+    q = jnp.einsum("bld,dnh->blnh", x, self.wq[...].astype(dt))
+    k = jnp.einsum("bld,dnh->blnh", x, self.wk[...].astype(dt))
+    v = jnp.einsum("bld,dnh->blnh", x, self.wv[...].astype(dt))
+    q, k, v = (constrain(a, ("batch", "length", "heads", "kv")) for a in (q, k, v))
+    q = rope(q, positions, self.rope_theta)
+    k = rope(k, positions, self.rope_theta)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, L, N, H], scale 1/sqrt(H)
+    out = constrain(out, ("batch", "length", "heads", "kv"))
+    return jnp.einsum("blnh,nhd->bld", out, self.wo[...].astype(dt))
+
+
+class SwiGLU(nnx.Module):
+  """FFN(x) = W_o (silu(W_g x) * W_u x) (Shazeer 2020, eq. 6)."""
+
+  def __init__(self, d_model: int, mlp_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.w_gate = param(rngs, _fan_in_init(d_model), (d_model, mlp_dim), ("embed", "mlp"))
+    self.w_up = param(rngs, _fan_in_init(d_model), (d_model, mlp_dim), ("embed", "mlp"))
+    self.w_out = param(rngs, _fan_in_init(mlp_dim), (mlp_dim, d_model), ("mlp", "embed"))
+
+  def __call__(self, x: Array) -> Array:
+    dt = self.dtype
+    gate = jnp.einsum("bld,dm->blm", x, self.w_gate[...].astype(dt))
+    up = jnp.einsum("bld,dm->blm", x, self.w_up[...].astype(dt))
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return jnp.einsum("blm,md->bld", h, self.w_out[...].astype(dt))
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
+  """Sinusoidal embedding of t in [0, 1] (scaled by 1000), as in DiT/MDLM.  [B] -> [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (1000.0 * t.astype(jnp.float32))[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimeEmbed(nnx.Module):
+  """t -> conditioning vector c (MLP on a sinusoidal embedding)."""
+
+  def __init__(self, cond_dim: int, *, rngs: nnx.Rngs, freq_dim: int = 128):
+    self.freq_dim = freq_dim
+    self.w1 = param(rngs, _fan_in_init(freq_dim), (freq_dim, cond_dim), (None, "embed"))
+    self.b1 = param(rngs, jax.nn.initializers.zeros, (cond_dim,), ("embed",))
+    self.w2 = param(rngs, _fan_in_init(cond_dim), (cond_dim, cond_dim), ("embed", None))
+    self.b2 = param(rngs, jax.nn.initializers.zeros, (cond_dim,), (None,))
+
+  def __call__(self, t: Array) -> Array:
+    h = timestep_embedding(t, self.freq_dim) @ self.w1[...] + self.b1[...]
+    return jax.nn.silu(h) @ self.w2[...] + self.b2[...]  # [B, C]
+
+
+class AdaLNZero(nnx.Module):
+  """c -> n (shift, scale, gate) vectors, zero-initialised (DiT adaLN-Zero, Peebles & Xie 2023)."""
+
+  def __init__(self, cond_dim: int, d_model: int, n: int, *, rngs: nnx.Rngs):
+    self.n = n
+    self.w = param(rngs, jax.nn.initializers.zeros, (cond_dim, n * d_model), (None, "embed"))
+    self.b = param(rngs, jax.nn.initializers.zeros, (n * d_model,), ("embed",))
+
+  def __call__(self, c: Array) -> tuple[Array, ...]:
+    out = jax.nn.silu(c) @ self.w[...] + self.b[...]  # [B, n*D]
+    return tuple(a[:, None, :] for a in jnp.split(out, self.n, axis=-1))  # each [B, 1, D]
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+  return x * (1.0 + scale.astype(x.dtype)) + shift.astype(x.dtype)

@@ -1,0 +1,194 @@
+"""The denoiser: a bidirectional Transformer over token ids, optionally time-conditioned.
+
+Pre-norm blocks (RMSNorm -> attention with RoPE -> SwiGLU), layers stacked on a
+leading ``layers`` axis and run under ``nnx.scan``; with time conditioning each
+block is modulated by adaLN-Zero (Peebles & Xie 2023).  The embedding table
+includes the mask token.  ``apply_fn(graphdef)`` gives the pure
+``apply(params, x_t, t) -> logits`` that processes, losses and samplers use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dlm.models import layers
+from dlm.parallel import constrain
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_REMAT = {"none", "full", "dots"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  head_dim: int | None = None
+  mlp_dim: int | None = None
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  time_conditioning: bool = False
+  cond_dim: int = 128
+  dtype: str = "float32"
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"model.dtype {self.dtype!r} unknown; use one of {sorted(_DTYPES)}")
+    if self.remat not in _REMAT:
+      raise ValueError(f"model.remat {self.remat!r} unknown; use one of {sorted(_REMAT)}")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(
+          f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads};"
+          " change one of them or set model.head_dim")
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return _DTYPES[self.dtype]
+
+  @property
+  def hd(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def mlp(self) -> int:
+    return self.mlp_dim or 4 * self.d_model
+
+  @classmethod
+  def from_config(cls, cfg: Any, vocab_size: int | None = None) -> "ModelConfig":
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    if vocab_size is not None:
+      d["vocab_size"] = vocab_size
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"config.model has unknown keys {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+class Block(nnx.Module):
+  """x += gate * Attn(mod(norm(x))); x += gate * MLP(mod(norm(x)))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = cfg.compute_dtype
+    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    self.attn = layers.Attention(cfg.d_model, cfg.num_heads, cfg.hd, rope_theta=cfg.rope_theta,
+                                 dtype=dt, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp, dtype=dt, rngs=rngs)
+    self.ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 6, rngs=rngs)
+                if cfg.time_conditioning else None)
+
+  def __call__(self, x: Array, positions: Array, mask: Array | None, c: Array | None) -> Array:
+    if self.ada is not None:
+      s1, sc1, g1, s2, sc2, g2 = self.ada(c)
+      x = x + g1.astype(x.dtype) * self.attn(layers.modulate(self.attn_norm(x), s1, sc1), positions, mask)
+      x = x + g2.astype(x.dtype) * self.mlp(layers.modulate(self.mlp_norm(x), s2, sc2))
+    else:
+      x = x + self.attn(self.attn_norm(x), positions, mask)
+      x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, ("batch", "length", "embed"))
+
+
+class Transformer(nnx.Module):
+  """Bidirectional denoiser: token ids x_t (and t) -> logits over the vocabulary."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = layers.param(rngs, jax.nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
+                              ("vocab", "embed"))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(r: nnx.Rngs) -> Block:
+      return Block(cfg, rngs=r)
+
+    self.blocks = make_blocks(rngs)
+    self.time_embed = layers.TimeEmbed(cfg.cond_dim, rngs=rngs) if cfg.time_conditioning else None
+    self.final_ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 2, rngs=rngs)
+                      if cfg.time_conditioning else None)
+    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    self.head = layers.param(rngs, jax.nn.initializers.normal(cfg.d_model ** -0.5),
+                             (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+  def __call__(self, x_t: Array, t: Array | None = None, *, segment_ids: Array | None = None,
+               attention_mask: Array | None = None, positions: Array | None = None) -> Array:
+    """x_t: int [B, L]; t: float [B]; segment_ids / attention_mask: [B, L] -> logits f32 [B, L, V]."""
+    cfg = self.cfg
+    chex.assert_rank(x_t, 2)
+    b, l = x_t.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    mask = _attention_mask(segment_ids, attention_mask)
+    x = jnp.take(self.embed[...], x_t, axis=0).astype(cfg.compute_dtype)  # [B, L, D]
+    x = constrain(x, ("batch", "length", "embed"))
+    c = None
+    if self.time_embed is not None:
+      if t is None:
+        raise ValueError("this model is time-conditioned (model.time_conditioning=True): pass t")
+      c = self.time_embed(jnp.broadcast_to(t, (b,)))
+
+    def body(block: Block, h: Array) -> Array:
+      return block(h, positions, mask, c)
+
+    if cfg.remat != "none":
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
+                else None)
+      body = nnx.remat(body, policy=policy)
+    x = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, x)
+
+    h = self.final_norm(x)
+    if self.final_ada is not None:
+      shift, scale = self.final_ada(c)
+      h = layers.modulate(h, shift, scale)
+    logits = jnp.einsum("bld,dv->blv", h, self.head[...].astype(cfg.compute_dtype))
+    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    chex.assert_shape(logits, (b, l, cfg.vocab_size))
+    return logits
+
+
+def _attention_mask(segment_ids: Array | None, attention_mask: Array | None) -> Array | None:
+  """Bidirectional mask [B, 1, L, L]: same segment, and keys that are real tokens."""
+  mask = None
+  if segment_ids is not None:
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  if attention_mask is not None:
+    keys = attention_mask.astype(bool)[:, None, None, :]
+    mask = keys if mask is None else mask & keys
+  return mask
+
+
+def init_model(cfg: ModelConfig, seed: int) -> Transformer:
+  return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """GraphDef and shape-only State, without allocating parameters."""
+  return nnx.split(nnx.eval_shape(lambda: init_model(cfg, 0)))
+
+
+def apply_fn(graphdef: nnx.GraphDef) -> Callable[..., Array]:
+  """The pure denoiser ``apply(params, x_t, t, **kw) -> logits`` of a split model."""
+
+  def apply(params: nnx.State, x_t: Array, t: Array | None = None, **kw: Any) -> Array:
+    return nnx.merge(graphdef, params)(x_t, t, **kw)
+
+  return apply
+
+
+def count_params(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def logical_specs(state: nnx.State) -> Any:
+  """The logical PartitionSpec of every parameter (names from ``with_partitioning``)."""
+  return nnx.get_partition_spec(state)

@@ -1,0 +1,135 @@
+"""Device mesh from the config, and logical-axis -> mesh-axis rules.
+
+Modules name every parameter and activation dimension with a logical axis
+(``batch``, ``length``, ``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``,
+``layers``); ``config.mesh`` gives the mesh axis sizes and the rules table that
+maps logical names onto mesh axes.  Changing parallelism is a config change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes, tried in order.  A mesh axis already used by an
+# earlier dimension of the same array is skipped (so activations' ``embed``
+# stays replicated while ``batch`` takes ``fsdp``), as in flax/MaxText.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
+  """Resolves the sizes of ``data, fsdp, tensor``; one may be -1 (the rest)."""
+  sizes = [int(mesh_cfg.get(name, 1)) for name in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: only one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(
+          f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices;"
+          " set the sizes so their product divides the device count")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f"config.mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but"
+        f" {num_devices} are available; make the product equal or use -1 for one axis")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def rules_from_config(mesh_cfg: Any) -> tuple[tuple[str, Any], ...]:
+  rules = mesh_cfg.get("rules", None)
+  if rules is None:
+    return DEFAULT_RULES
+  return tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in rules)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules, mesh: Mesh | None = None) -> P:
+  """Maps logical axis names to a PartitionSpec, never reusing a mesh axis."""
+  if names is None:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  out: list[Any] = []
+  for name in names:
+    target = table.get(name) if name is not None else None
+    if target is None:
+      out.append(None)
+      continue
+    axes = (target,) if isinstance(target, str) else tuple(target)
+    axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+# --- the active mesh, so modules can constrain activations by logical name ---
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "dlm_active_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  token = _ACTIVE.set((mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside ``use_mesh``."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, mesh)))
+
+
+def tree_shardings(logical_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """A pytree of logical PartitionSpecs -> a pytree of NamedShardings."""
+  return jax.tree.map(
+      lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules, mesh)),
+      logical_tree, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+  names = ("batch",) + ("length",) + (None,) * (ndim - 2) if ndim >= 2 else ("batch",)
+  return NamedSharding(mesh, logical_to_spec(names[:ndim], rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global jax arrays sharded over ``batch``."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+          for k, v in local.items()}

@@ -1,0 +1,79 @@
+"""Helpers shared by the diffusion processes and losses: time sampling etc.
+
+Times are float32 in [T_MIN, 1]. t = 0 is excluded because continuous-time
+ELBO weights divide by 1 - alpha(t) (masked) and schedules with eps = 0 have
+alpha(0) = 1; clipping (rather than resampling) keeps the estimator's bias
+below T_MIN * (integrand near 0), i.e. negligible.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+Array = jnp.ndarray
+
+T_MIN = 1e-6  # smallest time handed to a process (see module docstring)
+TINY = 1e-30  # floor for denominators / probabilities that may be exactly 0
+NEG_INF = -1e9  # finite "minus infinity" for logits (no NaN in softmax / grads)
+
+
+def sample_times(rng: chex.PRNGKey, batch_size: int, *,
+                 antithetic: bool = True) -> Array:
+  """Per-sequence times [B] in [T_MIN, 1].
+
+  antithetic=True is MD4's sampler (Shi et al. 2024; the low-discrepancy
+  sampler of VDM, Kingma et al. 2021): t_i = (u + i/B) mod 1 with one
+  u ~ U(0, 1), so the batch has exactly one time in each bin [k/B, (k+1)/B).
+  Otherwise t_i are iid U(0, 1).
+  """
+  if antithetic:
+    u = jax.random.uniform(rng, (), jnp.float32)
+    t = jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
+  else:
+    t = jax.random.uniform(rng, (batch_size,), jnp.float32)
+  return jnp.clip(t, T_MIN, 1.0)
+
+
+def stratified_times(batch_size: int, offset: float | Array = 0.5) -> Array:
+  """Deterministic evaluation grid t_i = (i + offset) / B, i = 0..B-1, clipped to [T_MIN, 1]."""
+  i = jnp.arange(batch_size, dtype=jnp.float32)
+  return jnp.clip((i + jnp.asarray(offset, jnp.float32)) / batch_size, T_MIN, 1.0)
+
+
+def bcast_time(x: Array, ndim: int) -> Array:
+  """[B] -> [B, 1, ..., 1] with `ndim` dims total, for broadcasting over positions."""
+  return jnp.reshape(x, x.shape + (1,) * (ndim - x.ndim))
+
+
+def safe_div(num: Array, den: Array) -> Array:
+  """num / den with den floored at TINY (den >= 0 by construction)."""
+  return num / jnp.maximum(den, TINY)
+
+
+def loss_mask_or_ones(loss_mask: Array | None, x0: Array) -> Array:
+  """float32 [B, L] mask of positions that count (all ones if None)."""
+  if loss_mask is None:
+    return jnp.ones(x0.shape, jnp.float32)
+  chex.assert_equal_shape([loss_mask, x0])
+  return jnp.asarray(loss_mask, jnp.float32)
+
+
+def check_tokens_and_times(x: Array, t: Array) -> None:
+  """Asserts x int [B, L] and t float [B]."""
+  chex.assert_rank([x, t], [2, 1])
+  chex.assert_type([x, t], [int, float])
+  chex.assert_equal_shape_prefix([x, t], 1)
+
+
+def check_logits(logits: Array, x: Array, vocab_size: int) -> None:
+  """Asserts logits [B, L, V] aligned with tokens x [B, L]."""
+  chex.assert_rank(logits, 3)
+  chex.assert_equal_shape_prefix([logits, x], 2)
+  chex.assert_axis_dimension(logits, 2, vocab_size)
+
+
+def gather_last(x: Array, idx: Array) -> Array:
+  """x[..., idx] per position: [B, L, V], [B, L] -> [B, L]."""
+  return jnp.take_along_axis(x, idx[..., None], axis=-1)[..., 0]

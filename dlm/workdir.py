@@ -1,0 +1,39 @@
+"""Load a trained run from its workdir: config, tokenizer, model, process, parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from dlm.data import tokenizer as tokenizer_lib
+from dlm.models import transformer
+from dlm.train import checkpoint, loop, state as state_lib
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  model_cfg: transformer.ModelConfig
+  process: Any
+  apply: Callable[..., jax.Array]
+  params: Any
+  step: int
+
+  def denoiser(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    return lambda x_t, t: self.apply(self.params, x_t, t)
+
+
+def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Run:
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(checkpoint.read_config(workdir))
+  tok = tokenizer_lib.load_tokenizer(workdir / "tokenizer.model")
+  model_cfg, process = loop.build_model(config, tok)
+  graphdef, abstract_params, _ = state_lib.param_logical_specs(model_cfg)
+  step, params = checkpoint.restore_params(workdir, abstract_params, step)
+  return Run(config=config, tokenizer=tok, model_cfg=model_cfg, process=process,
+             apply=transformer.apply_fn(graphdef), params=params, step=step)
