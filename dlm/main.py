@@ -108,10 +108,24 @@ def run(argv: list[str] | None = None) -> None:
   cmd = argv[1]
   define, body = _COMMANDS[cmd]
   define()
+  for arg in argv[2:]:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if not os.path.isfile(path):
+        print(f"dlm {cmd}: error: --config file {path!r} not found; pass a recipe such as"
+              " configs/quickstart.py", file=sys.stderr)
+        sys.exit(2)
   try:
     flags.FLAGS([f"dlm {cmd}"] + argv[2:])
   except flags.Error as e:
-    print(f"dlm {cmd}: error: {e}".splitlines()[0], file=sys.stderr)
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    msg = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"
+    print(f"dlm {cmd}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+  except (KeyError, AttributeError) as e:  # ml_collections: an override names no field
+    field = str(e.args[0] if e.args else e).strip("'\"")
+    print(f"dlm {cmd}: error: the config has no field {field!r}; check the --config.* override"
+          " against the recipe's get_config()", file=sys.stderr)
     sys.exit(2)
   from dlm.errors import UserError
   try:
@@ -123,7 +137,7 @@ def run(argv: list[str] | None = None) -> None:
     if os.environ.get("DLM_DEBUG"):
       raise
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    hint = "" if isinstance(e, UserError) else " (DLM_DEBUG=1 shows the traceback)"
+    hint = "" if isinstance(e, (UserError, OSError)) else " (DLM_DEBUG=1 shows the traceback)"
     print(f"dlm {cmd}: error: {msg}{hint}", file=sys.stderr)
     sys.exit(1)
 

@@ -12,7 +12,9 @@ Findings encoded below (verified numerically, see test docstrings):
   * disc(T) -> cont at rate ~1/T, but disc(T) is NOT monotone in T in general:
     for the uniform process it can increase toward cont from below, and for
     the masked process disc(1) can be below disc(2) (b);
-  * masked + exact denoiser: continuous NELBO = -log p_data(x0) exactly (c).
+  * masked + exact denoiser: continuous NELBO = -log p_data(x0) exactly (c);
+    uniform: the same holds for the x_hat that reproduces the true reverse
+    rates, which is NOT the posterior mean E[x0 | x_t] (plug-in posterior).
 """
 
 from __future__ import annotations
@@ -61,9 +63,15 @@ def table_params(vocab_size: int, seed: int) -> dict[str, jnp.ndarray]:
           "b": jnp.asarray(2.0 * rng.normal(size=shape), jnp.float32)}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _nelbo_values(process, params, x0, x_t, t, loss_mask):
-  return process.nelbo(table_apply(params, x_t, t), x0, x_t, t, loss_mask)
+def rows_apply(params, x_t, t):
+  """'Model' whose logits were precomputed for every row of the (tiled) batch."""
+  del x_t, t
+  return params["logits"]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _nelbo_values(process, apply, params, x0, x_t, t, loss_mask):
+  return process.nelbo(apply(params, x_t, t), x0, x_t, t, loss_mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -92,12 +100,12 @@ def tiled(process, x0, ts):
   return jnp.broadcast_to(jnp.asarray(x0, jnp.int32), x_t.shape), x_t, t
 
 
-def expected_nelbo(process, params, x0, ts, loss_mask=None) -> np.ndarray:
+def expected_nelbo(process, params, x0, ts, loss_mask=None, apply=table_apply) -> np.ndarray:
   """E_{x_t ~ q(.|x0)}[process.nelbo] at each t: float64 [n]."""
   x0b, x_t, t = tiled(process, x0, ts)
   mask = jnp.broadcast_to(jnp.asarray(
       (1.0,) * L if loss_mask is None else loss_mask, jnp.float32), x_t.shape)
-  v = np.asarray(_nelbo_values(process, params, x0b, x_t, t, mask), np.float64)
+  v = np.asarray(_nelbo_values(process, apply, params, x0b, x_t, t, mask), np.float64)
   return np.sum(v.reshape(len(ts), -1) * state_probs(process, x0, ts), -1)
 
 
@@ -136,6 +144,14 @@ def log_panels(lo: float, n: int):
   return np.concatenate(nodes), np.concatenate(weights)
 
 
+def quadrature(process) -> tuple[np.ndarray, np.ndarray]:
+  """Nodes / weights for int_0^1 dt (see continuous_nelbo)."""
+  if isinstance(process, MaskedProcess):
+    return gauss_legendre(0.0, 1.0, 64)
+  nodes, weights = log_panels(common.T_MIN, 24)
+  return np.append(nodes, common.T_MIN), np.append(weights, common.T_MIN)
+
+
 def continuous_nelbo(process, params, x0, loss_mask=None) -> float:
   """int_0^1 E_{x_t}[nelbo] dt by quadrature.
 
@@ -145,11 +161,7 @@ def continuous_nelbo(process, params, x0, loss_mask=None) -> float:
   the expectation of the clipped-time training estimator and differs from the
   true integral by O(T_MIN log(1/T_MIN)) ~ 1e-5.
   """
-  if isinstance(process, MaskedProcess):
-    nodes, weights = gauss_legendre(0.0, 1.0, 64)
-  else:
-    nodes, weights = log_panels(common.T_MIN, 24)
-    nodes, weights = np.append(nodes, common.T_MIN), np.append(weights, common.T_MIN)
+  nodes, weights = quadrature(process)
   return float(np.sum(weights * expected_nelbo(process, params, x0, nodes, loss_mask)))
 
 
@@ -278,6 +290,66 @@ def test_masked_exact_denoiser_nelbo_equals_nll(schedule):
     cont = continuous_nelbo(process, params, tuple(x0))
     np.testing.assert_allclose(cont, -np.log(p_data[k]), rtol=2e-5, atol=2e-5,
                                err_msg=str(x0))
+
+
+def uniform_x0_posteriors(p_data: np.ndarray, x_t: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+  """p(x0_l = v | x_t) under q_t for the joint p_data over {0,..,V-1}^L: float64 [N, L, V]."""
+  vocab = UNIFORM.vocab_size
+  seqs = all_seqs(vocab)  # [S, L]
+  a = alpha[:, None, None]
+  lik = np.prod(a * (x_t[:, None, :] == seqs[None]) + (1 - a) / vocab, -1)  # [N, S]
+  w = p_data[None] * lik
+  w /= w.sum(-1, keepdims=True)
+  return np.einsum("ns,slv->nlv", w, np.eye(vocab)[seqs])
+
+
+def uniform_rate_matching_x0(post: np.ndarray, x_t: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+  """The x_hat whose plug-in rates f_y/f_x equal the true reverse rates: [N, L, V].
+
+  True rate ratio r_y = sum_v p(x0_l = v | x_t) g_y(v) / g_{x_t}(v) with
+  g(v) = alpha onehot(v) + (1-alpha)/V; f = r / sum(r) >= (1-alpha)/V, so
+  x_hat = (f - (1-alpha)/V) / alpha is a probability vector. It is NOT the
+  posterior mean p(x0_l | x_t) (the plug-in posterior is not linear in x0).
+  """
+  vocab = UNIFORM.vocab_size
+  a = alpha[:, None, None, None]
+  g = a * np.eye(vocab) + (1 - a) / vocab  # [N, 1, v, y]
+  g_x = np.take_along_axis(g[:, 0], np.broadcast_to(x_t[:, None, :], (len(x_t), vocab, L)),
+                           -1).transpose(0, 2, 1)  # [N, L, v]: g_{x_t^l}(v)
+  r = np.einsum("nlv,nvy->nly", post / g_x, g[:, 0])
+  return (r / r.sum(-1, keepdims=True) - (1 - a[..., 0]) / vocab) / a[..., 0]
+
+
+def test_uniform_true_reverse_rates_nelbo_equals_nll():
+  """Uniform analogue of (c): with the TRUE reverse rates, NELBO_cont = -log p_data(x0).
+
+  For any process, NELBO(x0) = -log p_model(x0) + KL(q(path | x0) || p_model(path | x0)),
+  and the KL vanishes when p_model's reverse rates are the true ones. With the
+  plug-in (UDLM) parameterization those rates come from `uniform_rate_matching_x0`,
+  not from the posterior mean E[x0 | x_t]; plugging in the posterior mean gives
+  a strictly worse expected NELBO (and a sampler that does not reproduce p_data).
+  """
+  vocab = UNIFORM.vocab_size
+  p_data = np.zeros(vocab**L)
+  data = np.all(all_seqs(vocab) != UNIFORM.mask_id, axis=-1)  # the data avoid mask_id
+  p_data[data] = np.random.default_rng(4).dirichlet(np.ones(data.sum()))
+  nodes, weights = quadrature(UNIFORM)
+  _, x_t, t = tiled(UNIFORM, (0,) * L, nodes)
+  x_t, alpha = np.asarray(x_t), 1.0 - np.asarray(t, np.float64)  # linear, eps = 0
+  post = uniform_x0_posteriors(p_data, x_t, alpha)
+  params = {name: {"logits": jnp.asarray(np.log(np.maximum(x0_hat, 1e-30)), jnp.float32)}
+            for name, x0_hat in [("rates", uniform_rate_matching_x0(post, x_t, alpha)),
+                                 ("mean", post)]}
+  nelbo = {name: [] for name in params}
+  for k in np.flatnonzero(data):
+    for name, prm in params.items():
+      cont = np.sum(weights * expected_nelbo(UNIFORM, prm, all_seqs(vocab)[k], nodes,
+                                             apply=rows_apply))
+      nelbo[name].append(cont)
+  nll = -np.log(p_data[data])
+  np.testing.assert_allclose(nelbo["rates"], nll, rtol=1e-5, atol=1e-5)
+  entropy = np.sum(p_data[data] * nll)
+  assert np.sum(p_data[data] * np.array(nelbo["mean"])) > entropy + 1e-2
 
 
 # --- (d) Monte Carlo training losses match the enumerated values ---------------------

@@ -51,8 +51,9 @@ def test_monte_carlo_marginals(process):
 
 
 def test_masked_corrupt_only_masks():
-  x0, x_t, *_ = random_inputs(MASKED, seed=0, batch=64, length=32)
-  assert np.all((np.asarray(x_t) == np.asarray(x0)) | (np.asarray(x_t) == MASK))
+  for seed in range(4):
+    x0, x_t, *_ = random_inputs(MASKED, seed=seed)
+    assert np.all((np.asarray(x_t) == np.asarray(x0)) | (np.asarray(x_t) == MASK))
 
 
 def test_sample_prior():
@@ -256,7 +257,7 @@ def test_sample_times():
 
 
 def test_process_registry(tmp_path, monkeypatch):
-  assert PROCESSES.names() == ["masked", "uniform"]
+  assert {"masked", "uniform"} <= set(PROCESSES.names())
   cfg = {"name": "uniform", "schedule": {"name": "cosine", "eps": 0.0}}
   p = make_process(cfg, vocab_size=V, mask_id=MASK)
   assert isinstance(p, UniformProcess) and p.schedule.eps == 0.0
@@ -277,12 +278,12 @@ def test_process_registry(tmp_path, monkeypatch):
     make_process({"name": "masked", "schedule": "linear", "temp": 1}, vocab_size=V, mask_id=MASK)
   with pytest.raises(ValueError, match="schedule"):
     make_process({"name": "masked"}, vocab_size=V, mask_id=MASK)
-  with pytest.raises(ValueError, match="known: masked, uniform"):
+  with pytest.raises(ValueError, match="known: .*masked.*uniform"):
     make_process({"name": "gaussian", "schedule": "linear"}, vocab_size=V, mask_id=MASK)
 
 
 def test_loss_registry(tmp_path, monkeypatch):
-  assert losses.LOSSES.names() == ["discrete_nelbo", "nelbo"]
+  assert {"discrete_nelbo", "nelbo"} <= set(losses.LOSSES.names())
   assert losses.get_loss("nelbo") is losses.nelbo_loss
   assert losses.get_loss("dlm.losses:discrete_nelbo_loss") is losses.discrete_nelbo_loss
   (tmp_path / "my_loss.py").write_text(
@@ -291,7 +292,7 @@ def test_loss_registry(tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(str(tmp_path))
   assert losses.get_loss("my_loss:zero")(None, None, None, model=None, process=None,
                                          config=None)[0] == 0.0
-  with pytest.raises(ValueError, match="known: discrete_nelbo, nelbo"):
+  with pytest.raises(ValueError, match="known: discrete_nelbo, .*nelbo"):
     losses.get_loss("mse")
 
 

@@ -22,7 +22,7 @@ def build(name: str, **kw) -> schedules.Schedule:
 
 
 def test_registry_names():
-  assert SCHEDULES.names() == sorted(NAMES)
+  assert set(NAMES) <= set(SCHEDULES.names())
 
 
 @pytest.mark.parametrize("name", list(EXACT))

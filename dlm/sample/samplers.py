@@ -58,8 +58,11 @@ def ancestral(denoise: Denoiser, process: Any, *, steps: int, temperature: float
               top_p: float = 1.0) -> Sampler:
   """Ancestral sampling x_s ~ p(x_s | x_t) on t = 1, 1-1/T, ..., 0 (MDLM eq. 7 / D3PM eq. 4).
 
-  The last step draws x_0 from p(x_0 | x_t) directly ("noise removal", MDLM).
+  For absorbing processes the last step draws every still-masked position from
+  p(x_0 | x_t) ("noise removal", MDLM), since alpha(0) = 1 - eps would leave a
+  few masks; other processes take the posterior at s = 0 as is.
   """
+  absorbing = hasattr(process, "x0_logits")
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
 
@@ -78,8 +81,9 @@ def ancestral(denoise: Denoiser, process: Any, *, steps: int, temperature: float
     logits = denoise(state.x, t)  # [B, L, V]
     logp_x0 = x0_log_probs(process, logits, state.x, temperature, top_p)
     post = process.posterior_from_x0_probs(jnp.exp(logp_x0), state.x, t, s)  # [B, L, V]
-    last = state.step + 1 >= steps
-    log_probs = jnp.where(last, logp_x0, jnp.log(post))
+    log_probs = jnp.log(post)
+    if absorbing:
+      log_probs = jnp.where(state.step + 1 >= steps, logp_x0, log_probs)
     rng, draw_rng = jax.random.split(state.rng)
     x = cat.categorical(draw_rng, log_probs)
     x = jnp.where(state.fixed, state.given, x)

@@ -143,7 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         writer.write(step, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s")})
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
         last = m
-      if step % config.train.eval_every == 0 and step < total_steps:
+      if step % config.train.eval_every == 0 or step == total_steps:
         ev = run_eval(state.params, int(config.eval.periodic_rows), 1)
         writer.write(step, {"bits_per_byte": ev["bits_per_byte"],
                             "nelbo_per_token": ev["nelbo_per_token"]}, prefix="val_")
