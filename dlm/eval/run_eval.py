@@ -34,5 +34,6 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, max_rows: int | None = None
   result["unigram_bits_per_byte"] = pipeline.unigram_bits_per_byte(rows, piece_bytes)
   result["improvement_over_unigram"] = 1.0 - result["bits_per_byte"] / result["unigram_bits_per_byte"]
   result["step"] = run.step
+  result["corpus_python_version"] = data.meta.get("python_version")
   result["process"] = run.config.process.name
   return result

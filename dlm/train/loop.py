@@ -103,7 +103,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if is_main:
     n = transformer.count_params(state.params)
     print(f"model: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, process {config.process.name},"
-          f" mesh {dict(mesh.shape)}, {len(data.train_rows)} train rows x {config.data.seq_len}")
+          f" mesh {dict(mesh.shape)}, {len(data.train_rows)} train rows x {config.data.seq_len}"
+          f" (corpus: {config.data.source}, Python {data.meta.get('python_version')})")
 
   # --- steps ---
   train_step = step_lib.jit_train_step(mesh, rules, shardings, loss_fn=loss_fn, tx=tx,
