@@ -13,7 +13,8 @@ uniform-state process (UDLM) with a time-conditioned denoiser.
 Result (2-core CPU dev machine, Python 3.11.7 stdlib, 2026-11-23): train +
 sample in 6 min 41 s; `dlm eval` gives validation bits/byte 2.569 against the
 unigram entropy 3.789 of the same tokens (32% lower), perplexity bound 29.6.
-``:smoke`` reaches ~4.5 bits/byte in about 15 s (it only checks the plumbing).
+``:smoke`` trains in about 9 s and stays above the unigram (4.70 vs 4.32
+bits/byte on its 128 validation rows): it only checks the plumbing.
 """
 
 from __future__ import annotations
