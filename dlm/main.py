@@ -18,6 +18,12 @@ def _define_train_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/quickstart.py[:smoke].",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0, for multi-process runs (or $DLM_COORDINATOR_ADDRESS).")
+  flags.DEFINE_integer("num_processes", None, "Processes in the job (or $DLM_NUM_PROCESSES).")
+  flags.DEFINE_integer("process_id", None, "This process's id (or $DLM_PROCESS_ID).")
+  flags.DEFINE_bool("distributed", False,
+                    "Join a job JAX detects by itself (Cloud TPU pods, SLURM) without a coordinator.")
 
 
 def _define_sample_flags() -> None:
@@ -40,12 +46,18 @@ def _define_eval_flags() -> None:
 
 
 def cmd_train() -> None:
-  from dlm.train import loop
-  cfg = flags.FLAGS.config
+  from dlm import distributed
+  f = flags.FLAGS
+  cfg = f.config
   if cfg is None:
     raise _usage("dlm train needs --config=configs/quickstart.py (or another recipe)")
-  result = loop.train(cfg, _workdir())
-  print(json.dumps(result))
+  workdir = _workdir()
+  distributed.initialize(f.coordinator_address, f.num_processes, f.process_id, auto=f.distributed)
+  import jax
+  from dlm.train import loop
+  result = loop.train(cfg, workdir)
+  if jax.process_index() == 0:
+    print(json.dumps(result))
 
 
 def cmd_sample() -> None:

@@ -130,6 +130,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
-  """Process-local numpy batch -> global jax arrays sharded over ``batch``."""
+  """Process-local numpy batch (this process's rows) -> global arrays sharded over ``batch``."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
           for k, v in local.items()}
+
+
+def replicated_batch(host: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+  """A batch every process holds in full -> global arrays; each device reads only its rows."""
+  return {k: jax.make_array_from_callback(v.shape, batch_sharding(mesh, rules, v.ndim),
+                                          lambda idx, v=v: v[idx])
+          for k, v in host.items()}

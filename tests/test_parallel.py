@@ -14,7 +14,7 @@ from dlm import losses, parallel, processes
 from dlm.models import transformer
 from dlm.train import optim, state as state_lib, step as step_lib
 
-MODEL = transformer.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, mlp_dim=64)
+MODEL = transformer.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=8, mlp_dim=64)
 
 
 def test_mesh_shape_resolves_and_rejects():
@@ -76,7 +76,10 @@ def single_device(batches):
 
 
 @pytest.mark.parametrize("sizes", [{"data": 8, "fsdp": 1, "tensor": 1},
-                                   {"data": 2, "fsdp": 2, "tensor": 2}])
+                                   {"data": 1, "fsdp": 8, "tensor": 1},
+                                   {"data": 1, "fsdp": 1, "tensor": 8},
+                                   {"data": 2, "fsdp": 2, "tensor": 2}],
+                         ids=["8x1x1", "1x8x1", "1x1x8", "2x2x2"])
 def test_sharded_training_matches_one_device(sizes, batches, single_device):
   assert len(jax.devices()) == 8
   ref_metrics, ref_params, _ = single_device
@@ -85,7 +88,13 @@ def test_sharded_training_matches_one_device(sizes, batches, single_device):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # each parameter is laid out as the rules say
-  wq = state.params["blocks"]["attn"]["wq"]  # (layers, embed, heads, kv)
-  expect = parallel.logical_to_spec(("layers", "embed", "heads", "kv"), parallel.DEFAULT_RULES,
-                                    wq.sharding.mesh)
-  assert wq.sharding.spec == expect
+  mesh = state.params["head"].sharding.mesh
+  _, _, specs = state_lib.param_logical_specs(MODEL)
+  for (path, p), (_, names) in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                                   jax.tree_util.tree_leaves_with_path(
+                                       specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+    assert p.sharding.spec == parallel.logical_to_spec(tuple(names), parallel.DEFAULT_RULES, mesh), path
+  # and the rules really shard: e.g. the MLP's hidden axis over `tensor`, `embed` over `fsdp`
+  w = state.params["blocks"]["mlp"]["w_gate"]  # (layers, embed, mlp)
+  assert w.sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp" if sizes["fsdp"] > 1 else None, "tensor" if sizes["tensor"] > 1 else None)

@@ -145,13 +145,22 @@ def test_two_processes_cover_each_row_once_per_epoch():
   for process_index in range(2):
     it = pipeline.train_iterator(rows, batch_size=batch_size, seed=7,
                                  process_index=process_index, process_count=2)
-    per_process = 37 // 2
-    for _ in range(per_process // batch_size):
+    for _ in range(37 // (2 * batch_size)):  # the global batches inside epoch 1
       batch = next(it)["tokens"]
       assert batch.shape == (batch_size, 3) and batch.dtype == np.int32
       seen.extend(batch[:, 0].tolist())
   assert len(seen) == len(set(seen)) == 36
-  assert set(seen) <= set(range(36))
+  assert set(seen) <= set(range(37))
+
+
+def test_global_batches_do_not_depend_on_process_count():
+  rows = _numbered_rows(50)
+  one = pipeline.train_iterator(rows, batch_size=8, seed=3)
+  parts = [pipeline.train_iterator(rows, batch_size=2, seed=3, process_index=p,
+                                   process_count=4) for p in range(4)]
+  for _ in range(12):  # crosses epoch boundaries
+    glob = np.concatenate([next(it)["tokens"] for it in parts])
+    np.testing.assert_array_equal(glob, next(one)["tokens"])
 
 
 def test_epochs_are_reshuffled():

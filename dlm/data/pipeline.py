@@ -243,50 +243,40 @@ def _as_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
   return {"tokens": tokens}
 
 
-def process_rows(num_rows: int, process_index: int, process_count: int
-                 ) -> tuple[int, slice]:
-  """(rows per process, this process's slice of the row indices).
-
-  Rows are first truncated to a multiple of ``process_count`` so that every
-  process has the same epoch length, then dealt round-robin.
-  """
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in"
-                     f" [0, process_count={process_count})")
-  per_process = num_rows // process_count
-  return per_process, slice(process_index, per_process * process_count,
-                            process_count)
-
-
 def train_iterator(rows: np.ndarray, *, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1
                    ) -> grain.DatasetIterator:
   """Endless shuffled batches {"tokens": int32 [batch_size, L]} for a process.
 
-  Each process gets rows ``[process_index::process_count]`` (after truncating
-  to equal counts), shuffled with ``seed`` and reshuffled every epoch; batches
-  are drawn from the endless stream of epochs, so an epoch boundary may fall
-  inside a batch. The iterator is checkpointable: ``get_state()`` is a
-  JSON-serializable dict, and ``set_state(state)`` on a fresh iterator built
-  with the same arguments continues exactly where the saved one stopped.
+  All processes walk one shuffled stream of rows (reshuffled every epoch, an
+  epoch boundary may fall inside a batch), cut into chunks of ``batch_size``
+  contiguous rows; process p reads chunks p, p + P, p + 2P, ... and nothing
+  else.  So global batch k (every process's k-th batch, in process order) is
+  rows [kB, (k+1)B) of the stream whatever the process count: a run on 2 hosts
+  sees exactly the batches of a run on 1.  The iterator is checkpointable:
+  ``get_state()`` is a JSON-serializable dict, and ``set_state(state)`` on a
+  fresh iterator built with the same arguments continues exactly where the
+  saved one stopped.
 
   Args:
     rows: int32 [N, L] packed rows (the same on every process).
-    batch_size: per-process batch size.
+    batch_size: per-process batch size (global batch / process_count).
     seed: shuffle seed (use the same on every process).
     process_index: this process, in [0, process_count).
     process_count: number of data-loading processes.
   """
   _check_rows(rows)
-  per_process, sl = process_rows(rows.shape[0], process_index, process_count)
-  if batch_size < 1 or per_process < batch_size:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  global_batch = batch_size * process_count
+  if batch_size < 1 or rows.shape[0] < global_batch:
     raise ValueError(
-        f"batch_size={batch_size} needs 1..{per_process} (rows per process);"
+        f"batch_size={batch_size} x {process_count} processes needs 1..{rows.shape[0]} rows;"
         " lower the batch size or use more data / a shorter seq_len")
-  ds = (grain.MapDataset.source(rows)[sl]
+  ds = (grain.MapDataset.source(rows)
         .shuffle(seed=seed)
         .repeat()
-        .batch(batch_size, drop_remainder=True)
+        .batch(batch_size, drop_remainder=True)[process_index::process_count]
         .map(_as_batch))
   read_options = grain.ReadOptions(num_threads=PREFETCH_THREADS,
                                    prefetch_buffer_size=PREFETCH_BUFFER)

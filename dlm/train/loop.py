@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from dlm import losses, parallel, processes
+from dlm import distributed, losses, parallel, processes
 from dlm.data import pipeline
 from dlm.errors import UserError
 from dlm.eval import elbo
@@ -66,13 +66,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   # --- mesh ---
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
-  if config.train.batch_size % (jax.process_count() * mesh.shape["data"] * mesh.shape["fsdp"]):
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.train.batch_size % shards or config.train.batch_size % jax.process_count():
     raise UserError(
-        f"train.batch_size={config.train.batch_size} is not divisible by the"
-        f" {mesh.shape['data'] * mesh.shape['fsdp']} data-parallel devices; change it")
+        f"train.batch_size={config.train.batch_size} must be divisible by the {shards}"
+        f" data-parallel devices and the {jax.process_count()} processes; change it")
 
-  # --- data ---
+  # --- data: process 0 trains the tokenizer and fills the cache, the others then load it ---
+  if not is_main:
+    distributed.barrier("dlm_prepare")
   data = pipeline.prepare(config.data, workdir)
+  if is_main:
+    distributed.barrier("dlm_prepare")
   tok = data.tokenizer
   if is_main:
     checkpoint.write_config(workdir, config.to_dict())
@@ -112,13 +117,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                                        base_rng=jax.random.key(config.seed))
   eval_step = step_lib.jit_eval_step(mesh, rules, shardings.params, model=apply, process=process)
   put = functools.partial(parallel.global_batch, mesh=mesh, rules=rules)
+  put_eval = functools.partial(parallel.replicated_batch, mesh=mesh, rules=rules)
   piece_bytes = tok.piece_bytes()
 
   def run_eval(params: Any, max_rows: int, passes: int) -> dict[str, float]:
     rows = data.val_rows[:max_rows] if max_rows else data.val_rows
     return elbo.evaluate(eval_step, params, rows, batch_size=int(config.eval.batch_size),
                          piece_bytes=piece_bytes, num_passes=passes, seed=int(config.eval.seed),
-                         put=put)
+                         put=put_eval, progress=lambda _: watchdog.kick())
 
   writer = metrics_lib.MetricsWriter(workdir)
   tokens_per_step = config.train.batch_size * config.data.seq_len
@@ -128,11 +134,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   last: dict[str, Any] = {}
   step = start
   stopped_early = False
+  # Multi-process: a step blocked on a dead peer becomes an exit with a message.
+  hang_s = float(config.train.get("hang_timeout_s", 45.0)) if jax.process_count() > 1 else 0.0
+  watchdog = distributed.Watchdog(hang_s)
   try:
     while step < total_steps:
       batch = put(next(it))
       state, m = train_step(state, batch)
+      if step == start:
+        jax.block_until_ready(state.step)  # compiled and run once: now watch for hangs
+        watchdog.start()
       step += 1
+      watchdog.kick()
       bar.update(1)
       if step % config.train.log_every == 0 or step == total_steps:
         m = jax.device_get(m)
@@ -148,18 +161,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         ev = run_eval(state.params, int(config.eval.periodic_rows), 1)
         writer.write(step, {"bits_per_byte": ev["bits_per_byte"],
                             "nelbo_per_token": ev["nelbo_per_token"]}, prefix="val_")
-        bar.write(f"step {step}: val bits/byte {ev['bits_per_byte']:.4f}")
+        if is_main:
+          bar.write(f"step {step}: val bits/byte {ev['bits_per_byte']:.4f}")
       if step % config.train.checkpoint_every == 0 or step == total_steps:
         checkpoint.save(mngr, step, state, it.get_state())
       limit = float(config.train.time_limit_s)
       if limit > 0 and time.time() - t_start > limit and step < total_steps:
         checkpoint.save(mngr, step, state, it.get_state())
-        bar.write(f"train.time_limit_s={limit:g} reached at step {step}; saved, stopping")
+        if is_main:
+          bar.write(f"train.time_limit_s={limit:g} reached at step {step}; saved, stopping")
         stopped_early = True
         break
+      watchdog.kick()
   finally:
     bar.close()
     mngr.wait_until_finished()
+    watchdog.stop()
     writer.close()
   result = {"step": step, "loss": float(last.get("loss", float("nan"))),
             "train_seconds": time.time() - t_start, "stopped_early": stopped_early}

@@ -1,0 +1,82 @@
+"""Real multi-process JAX on 127.0.0.1: 2 processes x 4 CPU devices == 1 process x 8 devices."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dlm.workdir import load_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, "-m", "dlm.main", "train", f"--config={ROOT}/configs/quickstart.py:smoke",
+         "--config.train.log_every=1", "--config.train.eval_every=5"]
+
+
+def _env(devices: int, **extra: str) -> dict[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  one, two = tmp_path / "one", tmp_path / "two"
+  args = ["--config.train.steps=5", "--config.train.checkpoint_every=5"]
+  subprocess.run(TRAIN + [f"--workdir={one}"] + args, env=_env(8), cwd=ROOT, check=True,
+                 capture_output=True, timeout=300)
+  env = _env(1, DLM_LOCAL_DEVICES="4")
+  del env["XLA_FLAGS"]  # local.sh sets the per-process device count
+  proc = subprocess.run([str(ROOT / "launch" / "local.sh"), "2", "--"] + TRAIN
+                        + [f"--workdir={two}"] + args, env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[1] step 5: val" not in proc.stdout + proc.stderr  # only process 0 reports
+  a, b = load_run(one), load_run(two)
+  assert a.step == b.step == 5
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)
+  # one checkpoint, one metrics log, written once
+  steps = [l for l in (two / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+  assert len(steps) == 5
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker_dies", "coordinator_dies"])
+def test_peer_death_stops_the_survivor(tmp_path, victim):
+  port = _free_port()
+  procs = [subprocess.Popen(
+      TRAIN + [f"--workdir={tmp_path}", "--config.train.steps=100000",
+               "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000"],
+      env=_env(4, DLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DLM_NUM_PROCESSES="2",
+               DLM_PROCESS_ID=str(i)),
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+      assert time.time() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.5)
+    killed_at = time.time()
+    procs[victim].send_signal(signal.SIGKILL)
+    survivor = procs[1 - victim]
+    _, err = survivor.communicate(timeout=60)
+    assert time.time() - killed_at < 60
+    assert survivor.returncode != 0
+    assert "another task died" in err or "peer process has probably died" in err, err[-2000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
