@@ -101,8 +101,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.top_p = 1.0
   c.sample.seed = 0
 
+  # Mesh axis sizes (-1 = the rest of the devices), e.g. --config.mesh.data=2
+  # --config.mesh.fsdp=2 --config.mesh.tensor=2, and the logical -> mesh axis rules.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  c.mesh.rules = ml_collections.FieldReference(None, field_type=list)
+  c.mesh.rules = [
+      ("batch", ("data", "fsdp")),  # activations and data: batch over data x fsdp
+      ("length", None),
+      ("embed", "fsdp"),  # parameters (and optimizer state): FSDP over `fsdp`
+      ("heads", "tensor"),  # tensor parallelism: heads, MLP and vocabulary over `tensor`
+      ("kv", None),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("layers", None),
+  ]
 
   if args.get("uniform"):
     c.process.name = "uniform"

@@ -140,3 +140,9 @@ def replicated_batch(host: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> d
   return {k: jax.make_array_from_callback(v.shape, batch_sharding(mesh, rules, v.ndim),
                                           lambda idx, v=v: v[idx])
           for k, v in host.items()}
+
+
+def bytes_per_device(abstract: Any) -> int:
+  """Bytes one device holds for a pytree of sharded arrays or ShapeDtypeStructs."""
+  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                 for x in jax.tree.leaves(abstract)))

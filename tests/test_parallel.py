@@ -98,3 +98,15 @@ def test_sharded_training_matches_one_device(sizes, batches, single_device):
   w = state.params["blocks"]["mlp"]["w_gate"]  # (layers, embed, mlp)
   assert w.sharding.spec == jax.sharding.PartitionSpec(
       None, "fsdp" if sizes["fsdp"] > 1 else None, "tensor" if sizes["tensor"] > 1 else None)
+
+
+def test_fsdp_divides_parameter_and_optimizer_memory():
+  tx = optim.make_optimizer(_config().optim, 10)
+  per_device = []
+  for f in (1, 2, 4, 8):
+    mesh = parallel.make_mesh({"data": 8 // f, "fsdp": f, "tensor": 1})
+    _, abstract, _ = state_lib.state_shardings(MODEL, tx, mesh, parallel.DEFAULT_RULES)
+    per_device.append(parallel.bytes_per_device((abstract.params, abstract.opt_state)))
+  ratios = [b / per_device[0] for b in per_device]
+  # every matrix has an `embed` axis sharded over fsdp; only the tiny step counters stay whole
+  np.testing.assert_allclose(ratios, [1, 1 / 2, 1 / 4, 1 / 8], rtol=1e-3)
