@@ -57,11 +57,15 @@ def _run_steps(mesh_sizes: dict[str, int], devices, batches, steps: int = 3):
   step = step_lib.jit_train_step(mesh, rules, shardings, loss_fn=loss_fn, tx=tx,
                                  lr_fn=optim.learning_rate(cfg.optim, 10),
                                  base_rng=jax.random.key(0))
+  batch0 = parallel.global_batch({"tokens": batches[0]}, mesh, rules)
+  grad_fn = jax.jit(step_lib.traced_in_mesh(
+      lambda p, b: jax.grad(lambda q: loss_fn(q, b, jax.random.key(7))[0])(p), mesh, rules))
+  grads = jax.device_get(grad_fn(state.params, batch0))
   out = []
   for b in batches[:steps]:
     state, m = step(state, parallel.global_batch({"tokens": b}, mesh, rules))
     out.append((float(m["loss"]), float(m["grad_norm"])))
-  return out, jax.device_get(state.params), state
+  return out, jax.device_get(state.params), state, grads
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +86,10 @@ def single_device(batches):
                          ids=["8x1x1", "1x8x1", "1x1x8", "2x2x2"])
 def test_sharded_training_matches_one_device(sizes, batches, single_device):
   assert len(jax.devices()) == 8
-  ref_metrics, ref_params, _ = single_device
-  metrics, params, state = _run_steps(sizes, jax.devices(), batches)
+  ref_metrics, ref_params, _, ref_grads = single_device
+  metrics, params, state, grads = _run_steps(sizes, jax.devices(), batches)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(metrics, ref_metrics, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

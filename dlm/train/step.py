@@ -39,7 +39,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], t: jax.Array, rng: jax.A
   return {"nelbo_sum": jnp.sum(nelbo), "num_tokens": jnp.sum(loss_mask)}
 
 
-def _traced_in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: parallel.Rules) -> Callable[..., Any]:
+def traced_in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: parallel.Rules) -> Callable[..., Any]:
   """Activations' logical constraints resolve against this mesh when ``fn`` is traced."""
 
   @functools.wraps(fn)
@@ -52,7 +52,7 @@ def _traced_in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: parallel.Rules) -
 
 def jit_train_step(mesh: Mesh, rules: parallel.Rules, shardings: TrainState, **kw: Any):
   batch_sh = {"tokens": parallel.batch_sharding(mesh, rules)}
-  fn = _traced_in_mesh(functools.partial(train_step, **kw), mesh, rules)
+  fn = traced_in_mesh(functools.partial(train_step, **kw), mesh, rules)
   return jax.jit(fn, in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
@@ -61,6 +61,6 @@ def jit_eval_step(mesh: Mesh, rules: parallel.Rules, param_shardings: Any, **kw:
   row = parallel.batch_sharding(mesh, rules)
   batch_sh = {"tokens": row, "loss_mask": row}
   t_sh = NamedSharding(mesh, parallel.logical_to_spec(("batch",), rules, mesh))
-  fn = _traced_in_mesh(functools.partial(eval_step, **kw), mesh, rules)
+  fn = traced_in_mesh(functools.partial(eval_step, **kw), mesh, rules)
   return jax.jit(fn, in_shardings=(param_shardings, batch_sh, t_sh, NamedSharding(mesh, P())),
                  out_shardings=NamedSharding(mesh, P()))
