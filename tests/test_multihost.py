@@ -80,3 +80,13 @@ def test_peer_death_stops_the_survivor(tmp_path, victim):
     for p in procs:
       if p.poll() is None:
         p.kill()
+
+
+def test_watchdog_turns_a_hang_into_an_exit():
+  code = ("import time\nfrom dlm.distributed import Watchdog\nw = Watchdog(1.0)\nw.start()\n"
+          "for _ in range(3):\n  time.sleep(0.5)\n  w.kick()\ntime.sleep(30)\n")
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                        env=_env(1), cwd=ROOT)
+  assert proc.returncode == 1 and "peer process has probably died" in proc.stderr
+  assert 2.0 < time.time() - t0 < 15.0  # kicked for 1.5 s, then fired ~1-2 s later
