@@ -60,9 +60,14 @@ def _per_token(nelbo_per_seq: Array, loss_mask: Array) -> tuple[Array, Metrics]:
   return loss, {"loss": loss, "nelbo_sum": nelbo_sum, "num_tokens": num_tokens}
 
 
+def denoiser_kwargs(batch: dict[str, Array]) -> dict[str, Array]:
+  """Packed-row structure the denoiser needs: segment ids and in-document positions."""
+  return {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+
+
 def _logits(model: Callable[..., Array], params: Any, x_t: Array,
-            t: Array, vocab_size: int) -> Array:
-  logits = model(params, x_t, t)
+            t: Array, vocab_size: int, **kw: Array) -> Array:
+  logits = model(params, x_t, t, **kw)
   common.check_logits(logits, x_t, vocab_size)
   return logits.astype(jnp.float32)
 
@@ -77,7 +82,7 @@ def nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   t = common.sample_times(rng_t, x0.shape[0],
                           antithetic=bool(_cfg_get(config, "antithetic", True)))
   x_t = process.corrupt(rng_x, x0, t)
-  logits = _logits(model, params, x_t, t, process.vocab_size)
+  logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
   return _per_token(process.nelbo(logits, x0, x_t, t, loss_mask), loss_mask)
 
 
@@ -103,7 +108,7 @@ def discrete_nelbo_loss(params: Any, batch: dict[str, Array],
   i = jnp.clip(jnp.ceil(u * num_steps), 1, num_steps)  # [B] in {1..T}
   t, s = i / num_steps, (i - 1.0) / num_steps
   x_t = process.corrupt(rng_x, x0, t)
-  logits = _logits(model, params, x_t, t, process.vocab_size)
+  logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
   per_seq = num_steps * process.discrete_nelbo(logits, x0, x_t, t, s, loss_mask)
   return _per_token(per_seq, loss_mask)
 
@@ -135,7 +140,7 @@ def count_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   masked = ranks < n[:, None]  # exactly n counted positions per row
   x_t = jnp.where(masked, process.mask_id, x0)
   t = n / jnp.maximum(length, 1.0)
-  logits = _logits(model, params, x_t, t, process.vocab_size)
+  logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
   logp = common.gather_last(process.x0_logits(logits, x_t), x0)  # [B, L]
   per_seq = (length / n) * jnp.sum(jnp.where(masked, -logp, 0.0), axis=-1)  # [B]
   return _per_token(jnp.where(length > 0, per_seq, 0.0), loss_mask)

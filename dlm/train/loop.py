@@ -163,16 +163,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                             "nelbo_per_token": ev["nelbo_per_token"]}, prefix="val_")
         if is_main:
           bar.write(f"step {step}: val bits/byte {ev['bits_per_byte']:.4f}")
-      if step % config.train.checkpoint_every == 0 or step == total_steps:
-        checkpoint.save(mngr, step, state, it.get_state())
       limit = float(config.train.time_limit_s)
-      if limit > 0 and time.time() - t_start > limit and step < total_steps:
+      stopped_early = limit > 0 and time.time() - t_start > limit and step < total_steps
+      if step % config.train.checkpoint_every == 0 or step == total_steps or stopped_early:
         checkpoint.save(mngr, step, state, it.get_state())
+      watchdog.kick()
+      if stopped_early:
         if is_main:
           bar.write(f"train.time_limit_s={limit:g} reached at step {step}; saved, stopping")
-        stopped_early = True
         break
-      watchdog.kick()
   finally:
     bar.close()
     mngr.wait_until_finished()

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dlm import parallel
+from dlm import losses, parallel
 from dlm.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -34,7 +34,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], t: jax.Array, rng: jax.A
   x0 = batch["tokens"]
   loss_mask = batch["loss_mask"]
   x_t = process.corrupt(rng, x0, t)
-  logits = model(params, x_t, t)
+  logits = model(params, x_t, t, **losses.denoiser_kwargs(batch))
   nelbo = process.nelbo(logits, x0, x_t, t, loss_mask=loss_mask)  # [B]
   return {"nelbo_sum": jnp.sum(nelbo), "num_tokens": jnp.sum(loss_mask)}
 
@@ -50,16 +50,19 @@ def traced_in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: parallel.Rules) ->
   return wrapped
 
 
-def jit_train_step(mesh: Mesh, rules: parallel.Rules, shardings: TrainState, **kw: Any):
-  batch_sh = {"tokens": parallel.batch_sharding(mesh, rules)}
+def jit_train_step(mesh: Mesh, rules: parallel.Rules, shardings: TrainState, *,
+                   batch_keys: tuple[str, ...] = ("tokens",), **kw: Any):
+  """The train step jitted with the state's shardings, [batch, length] batches, donated state."""
+  batch_sh = {k: parallel.batch_sharding(mesh, rules) for k in batch_keys}
   fn = traced_in_mesh(functools.partial(train_step, **kw), mesh, rules)
   return jax.jit(fn, in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
 
-def jit_eval_step(mesh: Mesh, rules: parallel.Rules, param_shardings: Any, **kw: Any):
+def jit_eval_step(mesh: Mesh, rules: parallel.Rules, param_shardings: Any, *,
+                  batch_keys: tuple[str, ...] = ("tokens", "loss_mask"), **kw: Any):
   row = parallel.batch_sharding(mesh, rules)
-  batch_sh = {"tokens": row, "loss_mask": row}
+  batch_sh = {k: row for k in batch_keys}
   t_sh = NamedSharding(mesh, parallel.logical_to_spec(("batch",), rules, mesh))
   fn = traced_in_mesh(functools.partial(eval_step, **kw), mesh, rules)
   return jax.jit(fn, in_shardings=(param_shardings, batch_sh, t_sh, NamedSharding(mesh, P())),
