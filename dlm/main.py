@@ -10,7 +10,7 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval")
+COMMANDS = ("train", "sample", "eval", "tokenizer")
 USAGE = f"usage: dlm {{{'|'.join(COMMANDS)}}} [--flags]; `dlm CMD --helpfull` lists a command's flags"
 
 
@@ -37,6 +37,12 @@ def _define_sample_flags() -> None:
   flags.DEFINE_float("top_p", None, "Nucleus mass in (0, 1].")
   flags.DEFINE_integer("length", None, "Tokens per sample (default: data.seq_len).")
   flags.DEFINE_integer("gap_length", 16, "Tokens per <gap> marker without an explicit :N.")
+
+
+def _define_tokenizer_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Recipe whose config.data names the source.",
+                                  lock_config=True)
+  flags.DEFINE_string("out", None, "Where to write the sentencepiece model (never overwritten).")
 
 
 def _define_eval_flags() -> None:
@@ -90,6 +96,25 @@ def cmd_eval() -> None:
   print(json.dumps(result))
 
 
+def cmd_tokenizer(args: list[str]) -> None:
+  """``dlm tokenizer train --config=... --out=FILE``: sentencepiece on a sample of any source."""
+  f = flags.FLAGS
+  if args != ["train"]:
+    raise _usage("usage: dlm tokenizer train --config=RECIPE --out=FILE")
+  if f.config is None or not f.out:
+    raise _usage("dlm tokenizer train needs --config=RECIPE and --out=FILE")
+  if os.path.exists(f.out):
+    raise _usage(f"{f.out} exists; tokenizers are never overwritten: pick another --out")
+  from dlm.data import packing, sources
+  d = f.config.data
+  docs = sources.make_source(d, "train")
+  tok = packing.train_tokenizer_from_docs(docs, f.out, vocab_size=int(d.vocab_size),
+                                          max_chars=int(d.tokenizer_max_chars),
+                                          seed=int(f.config.seed))
+  print(json.dumps({"out": f.out, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id,
+                    "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id}))
+
+
 class _UsageError(Exception):
   pass
 
@@ -108,6 +133,7 @@ _COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "train": (_define_train_flags, cmd_train),
     "sample": (_define_sample_flags, cmd_sample),
     "eval": (_define_eval_flags, cmd_eval),
+    "tokenizer": (_define_tokenizer_flags, cmd_tokenizer),
 }
 
 
@@ -128,7 +154,7 @@ def run(argv: list[str] | None = None) -> None:
               " configs/quickstart.py", file=sys.stderr)
         sys.exit(2)
   try:
-    flags.FLAGS([f"dlm {cmd}"] + argv[2:])
+    positional = flags.FLAGS([f"dlm {cmd}"] + argv[2:])[1:]
   except flags.Error as e:
     lines = [l for l in str(e).splitlines() if l.strip()]
     msg = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"
@@ -140,8 +166,12 @@ def run(argv: list[str] | None = None) -> None:
           " against the recipe's get_config()", file=sys.stderr)
     sys.exit(2)
   from dlm.errors import UserError
+  if positional and cmd != "tokenizer":
+    print(f"dlm {cmd}: error: unexpected arguments {positional}; flags are --name=value",
+          file=sys.stderr)
+    sys.exit(2)
   try:
-    body()
+    body(positional) if cmd == "tokenizer" else body()
   except _UsageError as e:
     print(f"dlm {cmd}: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dlm import distributed, losses, parallel, processes
-from dlm.data import pipeline
+from dlm.data import inputs
 from dlm.errors import UserError
 from dlm.eval import elbo
 from dlm.models import transformer
@@ -75,7 +75,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   # --- data: process 0 trains the tokenizer and fills the cache, the others then load it ---
   if not is_main:
     distributed.barrier("dlm_prepare")
-  data = pipeline.prepare(config.data, workdir)
+  data = inputs.make_train_input(
+      config.data, workdir, batch_size=config.train.batch_size // jax.process_count(),
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      max_val_rows=int(config.eval.max_rows))
   if is_main:
     distributed.barrier("dlm_prepare")
   tok = data.tokenizer
@@ -93,10 +96,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   # --- state: resume or init ---
   mngr = checkpoint.manager(workdir, max_to_keep=int(config.train.max_to_keep))
-  it = pipeline.train_iterator(data.train_rows,
-                               batch_size=config.train.batch_size // jax.process_count(),
-                               seed=config.seed, process_index=jax.process_index(),
-                               process_count=jax.process_count())
+  it = data.iterator
   if mngr.latest_step() is not None:
     start, state, data_state = checkpoint.restore(mngr, abstract)
     it.set_state(data_state)
@@ -108,11 +108,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if is_main:
     n = transformer.count_params(state.params)
     print(f"model: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, process {config.process.name},"
-          f" mesh {dict(mesh.shape)}, {len(data.train_rows)} train rows x {config.data.seq_len}"
-          f" (corpus: {config.data.source}, Python {data.meta.get('python_version')})")
+          f" mesh {dict(mesh.shape)}, rows of {config.data.seq_len} tokens from"
+          f" {config.data.source}" + (f" (Python {data.meta['python_version']}, "
+                                      f"{data.meta['train_rows']} train rows)"
+                                      if "python_version" in data.meta else ""))
 
   # --- steps ---
-  train_step = step_lib.jit_train_step(mesh, rules, shardings, loss_fn=loss_fn, tx=tx,
+  train_step = step_lib.jit_train_step(mesh, rules, shardings, batch_keys=data.batch_keys,
+                                       loss_fn=loss_fn, tx=tx,
                                        lr_fn=optim.learning_rate(config.optim, total_steps),
                                        base_rng=jax.random.key(config.seed))
   eval_step = step_lib.jit_eval_step(mesh, rules, shardings.params, model=apply, process=process)
