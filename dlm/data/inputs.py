@@ -1,0 +1,94 @@
+"""What the trainer asks of the data side: a tokenizer, a checkpointable batch iterator, eval rows.
+
+Two paths, chosen by ``config.data.source``:
+  - ``stdlib`` (the embedded corpus, ~12 MB): tokenized once, cached in the
+    workdir and cut into rows in memory (``pipeline.py``); global batches are
+    the same for any number of processes.
+  - ``tfds`` / ``files`` / ``mixture``: documents stream from their source
+    (``sources.py``), are tokenized and packed on the fly (``packing.py``), and
+    each process reads only its own documents; nothing is held in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import numpy as np
+
+from dlm.data import pipeline
+from dlm.data import tokenizer as tokenizer_lib
+
+IN_MEMORY_SOURCES = ("stdlib",)
+
+
+@dataclasses.dataclass
+class TrainInput:
+  tokenizer: tokenizer_lib.Tokenizer
+  iterator: Any  # next() -> dict of numpy [B, L]; get_state() / set_state(dict)
+  val_rows: np.ndarray  # int32 [M, L]
+  meta: dict[str, Any]
+  batch_keys: tuple[str, ...]
+
+
+def _tokenizer(data_cfg: Any, workdir: pathlib.Path, docs: Any, seed: int) -> tokenizer_lib.Tokenizer:
+  """The workdir's tokenizer; else a given model file copied in; else one trained on a sample."""
+  from dlm.data import packing
+  path = workdir / pipeline.TOKENIZER_FILE
+  if path.exists():
+    return tokenizer_lib.load_tokenizer(path)
+  given = data_cfg.get("tokenizer", None)
+  if given:
+    if not os.path.isfile(given):
+      raise FileNotFoundError(f"config.data.tokenizer={given!r} not found; train one with"
+                              " `dlm tokenizer train --config=... --out=FILE`")
+    tmp = path.with_suffix(".model.tmp")
+    shutil.copyfile(given, tmp)
+    os.replace(tmp, path)
+    return tokenizer_lib.load_tokenizer(path)
+  return packing.train_tokenizer_from_docs(docs, path, vocab_size=int(data_cfg.vocab_size),
+                                           max_chars=int(data_cfg.tokenizer_max_chars), seed=seed)
+
+
+def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: int, seed: int,
+                     process_index: int = 0, process_count: int = 1,
+                     max_val_rows: int = 0) -> TrainInput:
+  """``batch_size`` is per process; ``max_val_rows`` bounds a streamed validation set (0 = 4096)."""
+  workdir = pathlib.Path(workdir)
+  if data_cfg.source in IN_MEMORY_SOURCES:
+    data = pipeline.prepare(data_cfg, workdir)
+    it = pipeline.train_iterator(data.train_rows, batch_size=batch_size, seed=seed,
+                                 process_index=process_index, process_count=process_count)
+    meta = dict(data.meta, train_rows=len(data.train_rows))
+    return TrainInput(data.tokenizer, it, data.val_rows, meta, ("tokens",))
+
+  from dlm.data import packing, sources
+  train_docs = sources.make_source(data_cfg, "train")
+  val_docs = sources.make_source(data_cfg, "validation")
+  tok = _tokenizer(data_cfg, workdir, train_docs, seed)
+  seq_len = int(data_cfg.seq_len)
+  mode = data_cfg.get("packing", "concat")
+  segments = bool(data_cfg.get("segment_ids", True))
+  it = packing.stream_batches(
+      train_docs, tok, seq_len=seq_len, batch_size=batch_size, seed=seed, packing=mode,
+      segment_ids=segments, truncate_fraction=float(data_cfg.get("truncate_fraction", 0.0)),
+      process_index=process_index, process_count=process_count,
+      worker_count=int(data_cfg.get("worker_count", 0)))
+  # Validation: the first rows of the (unshuffled order of the) validation split, concat-packed.
+  limit = max_val_rows or 4096
+  val_it = packing.stream_batches(val_docs, tok, seq_len=seq_len, batch_size=1, seed=0,
+                                  packing="concat", segment_ids=False, num_epochs=1)
+  rows = []
+  for batch in val_it:
+    rows.append(batch["tokens"][0])
+    if len(rows) >= limit:
+      break
+  if not rows:
+    raise ValueError(f"the validation split of config.data.source={data_cfg.source!r} gives no"
+                     f" row of {seq_len} tokens; add validation data or lower data.seq_len")
+  keys = ("tokens", "loss_mask") + (("segment_ids", "positions") if segments else ())
+  meta = {"source": data_cfg.source, "val_rows": len(rows), "streaming": True}
+  return TrainInput(tok, it, np.stack(rows).astype(np.int32), meta, keys)
