@@ -47,6 +47,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.seq_len = 128
   c.data.val_permille = 50
   c.data.tokenizer_max_chars = 3_000_000
+  # Other sources (config change only): "tfds", "files", "mixture"; they stream through
+  # grain with packing below. "stdlib" is tokenized once and cached in the workdir.
+  c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)  # a model file to use
+  c.data.invalid_utf8 = "fail"  # or "skip" (counted, one warning)
+  c.data.tfds = ml_collections.ConfigDict({
+      "name": ml_collections.FieldReference(None, field_type=str),
+      "data_dir": ml_collections.FieldReference(None, field_type=str),
+      "text_field": "text",
+      "splits": {"train": "train", "validation": "validation"},
+  })
+  c.data.files = ml_collections.ConfigDict({
+      "train_glob": ml_collections.FieldReference(None, field_type=str),
+      "val_glob": ml_collections.FieldReference(None, field_type=str),
+      "format": ml_collections.FieldReference(None, field_type=str),  # None: by extension
+      "jsonl_field": "text",
+  })
+  c.data.mixture = []  # [{"source": ..., "weight": w, ...}, ...] when source == "mixture"
+  c.data.packing = "concat"  # or "pad": one document per row
+  c.data.segment_ids = True  # concat: attention stays inside each document
+  c.data.truncate_fraction = 0.0  # LLaDA: this fraction of rows cut to a random length
+  c.data.worker_count = 0  # grain worker processes for tokenization
 
   c.process = ml_collections.ConfigDict()
   c.process.name = "masked"

@@ -77,18 +77,39 @@ def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: i
       segment_ids=segments, truncate_fraction=float(data_cfg.get("truncate_fraction", 0.0)),
       process_index=process_index, process_count=process_count,
       worker_count=int(data_cfg.get("worker_count", 0)))
-  # Validation: the first rows of the (unshuffled order of the) validation split, concat-packed.
-  limit = max_val_rows or 4096
-  val_it = packing.stream_batches(val_docs, tok, seq_len=seq_len, batch_size=1, seed=0,
-                                  packing="concat", segment_ids=False, num_epochs=1)
+  rows = _streamed_val_rows(data_cfg, val_docs, tok, max_val_rows)
+  keys = ("tokens", "loss_mask") + (("segment_ids", "positions") if segments else ())
+  meta = {"source": data_cfg.source, "val_rows": len(rows), "streaming": True}
+  return TrainInput(tok, it, rows, meta, keys)
+
+
+def _streamed_val_rows(data_cfg: Any, val_docs: Any, tok: tokenizer_lib.Tokenizer,
+                       max_rows: int) -> np.ndarray:
+  """The first ``max_rows`` (0 = 4096) concat-packed rows of the validation split, in order."""
+  from dlm.data import packing
+  seq_len = int(data_cfg.seq_len)
+  it = packing.stream_batches(val_docs, tok, seq_len=seq_len, batch_size=1, seed=0,
+                              packing="concat", segment_ids=False, num_epochs=1)
   rows = []
-  for batch in val_it:
+  for batch in it:
     rows.append(batch["tokens"][0])
-    if len(rows) >= limit:
+    if len(rows) >= (max_rows or 4096):
       break
   if not rows:
     raise ValueError(f"the validation split of config.data.source={data_cfg.source!r} gives no"
                      f" row of {seq_len} tokens; add validation data or lower data.seq_len")
-  keys = ("tokens", "loss_mask") + (("segment_ids", "positions") if segments else ())
-  meta = {"source": data_cfg.source, "val_rows": len(rows), "streaming": True}
-  return TrainInput(tok, it, np.stack(rows).astype(np.int32), meta, keys)
+  return np.stack(rows).astype(np.int32)
+
+
+def validation_rows(data_cfg: Any, workdir: str | os.PathLike,
+                    max_rows: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+  """(validation rows [M, L], meta) of a trained run, with the workdir's tokenizer."""
+  workdir = pathlib.Path(workdir)
+  if data_cfg.source in IN_MEMORY_SOURCES:
+    data = pipeline.prepare(data_cfg, workdir)
+    rows = data.val_rows[:max_rows] if max_rows else data.val_rows
+    return rows, data.meta
+  from dlm.data import sources
+  tok = tokenizer_lib.load_tokenizer(workdir / pipeline.TOKENIZER_FILE)
+  rows = _streamed_val_rows(data_cfg, sources.make_source(data_cfg, "validation"), tok, max_rows)
+  return rows, {"source": data_cfg.source, "val_rows": len(rows), "streaming": True}

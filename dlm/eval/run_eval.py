@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
-from dlm.data import pipeline
+from dlm.data import inputs, pipeline
 from dlm.eval import elbo
 from dlm.train import step as step_lib
 from dlm.workdir import load_run
@@ -19,9 +19,8 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, max_rows: int | None = None
                      num_passes: int | None = None) -> dict[str, Any]:
   run = load_run(workdir)
   ec = run.config.eval
-  data = pipeline.prepare(run.config.data, workdir)
   max_rows = int(ec.max_rows) if max_rows is None else max_rows
-  rows = data.val_rows[:max_rows] if max_rows else data.val_rows
+  rows, meta = inputs.validation_rows(run.config.data, workdir, max_rows)
   passes = int(ec.num_passes) if num_passes is None else num_passes
   piece_bytes = run.tokenizer.piece_bytes()
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=run.apply, process=run.process))
@@ -34,6 +33,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, max_rows: int | None = None
   result["unigram_bits_per_byte"] = pipeline.unigram_bits_per_byte(rows, piece_bytes)
   result["improvement_over_unigram"] = 1.0 - result["bits_per_byte"] / result["unigram_bits_per_byte"]
   result["step"] = run.step
-  result["corpus_python_version"] = data.meta.get("python_version")
+  if "python_version" in meta:
+    result["corpus_python_version"] = meta["python_version"]
   result["process"] = run.config.process.name
   return result
