@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Other sources (config change only): "tfds", "files", "mixture"; they stream through
   # grain with packing below. "stdlib" is tokenized once and cached in the workdir.
   c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)  # a model file to use
+  c.data.tokenizer_type = "bpe"  # or "unigram" (streamed sources and `dlm tokenizer train`)
   c.data.invalid_utf8 = "fail"  # or "skip" (counted, one warning)
   c.data.tfds = ml_collections.ConfigDict({
       "name": ml_collections.FieldReference(None, field_type=str),

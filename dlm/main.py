@@ -110,7 +110,8 @@ def cmd_tokenizer(args: list[str]) -> None:
   docs = sources.make_source(d, "train")
   tok = packing.train_tokenizer_from_docs(docs, f.out, vocab_size=int(d.vocab_size),
                                           max_chars=int(d.tokenizer_max_chars),
-                                          seed=int(f.config.seed))
+                                          seed=int(f.config.seed),
+                                          model_type=d.get("tokenizer_type", "bpe"))
   print(json.dumps({"out": f.out, "vocab_size": tok.vocab_size, "mask_id": tok.mask_id,
                     "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id}))
 

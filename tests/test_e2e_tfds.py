@@ -1,5 +1,6 @@
 """A TFDS dataset prepared here (a tiny local builder, no download) trains through `dlm train`
-by changing only the config; so do local JSON Lines files, with segment ids and LLaDA truncation."""
+by changing only the config; so do local JSON Lines files, with a tokenizer from
+`dlm tokenizer train`, segment ids and LLaDA truncation."""
 
 from __future__ import annotations
 
@@ -83,11 +84,17 @@ def test_jsonl_files_train_with_truncation_and_resume(tmp_path):
       for d in part:
         f.write(json.dumps({"body": d}) + "\n")
   workdir = tmp_path / "run"
-  common = [f"--config={SMOKE}", f"--workdir={workdir}", "--config.data.source=files",
-            f"--config.data.files.train_glob={tmp_path}/train.jsonl",
-            f"--config.data.files.val_glob={tmp_path}/val.jsonl",
-            "--config.data.files.jsonl_field=body", "--config.data.truncate_fraction=0.1"]
+  data = [f"--config={SMOKE}", "--config.data.source=files",
+          f"--config.data.files.train_glob={tmp_path}/train.jsonl",
+          f"--config.data.files.val_glob={tmp_path}/val.jsonl", "--config.data.files.jsonl_field=body"]
+  tok = tmp_path / "unigram.model"
+  out = json.loads(dlm("tokenizer", "train", *data, f"--out={tok}",
+                       "--config.data.tokenizer_type=unigram").stdout.strip().splitlines()[-1])
+  assert out["vocab_size"] == 512 and tok.exists()
+  common = data + [f"--workdir={workdir}", "--config.data.truncate_fraction=0.1",
+                   f"--config.data.tokenizer={tok}"]
   dlm("train", *common, "--config.train.steps=10")
+  assert (workdir / "tokenizer.model").read_bytes() == tok.read_bytes()  # stored with the run
   out = dlm("train", *common, "--config.train.steps=20")  # resumes the streamed iterator
   assert "resumed from" in out.stdout
   _trained_ok(workdir)

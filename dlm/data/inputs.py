@@ -50,7 +50,8 @@ def _tokenizer(data_cfg: Any, workdir: pathlib.Path, docs: Any, seed: int) -> to
     os.replace(tmp, path)
     return tokenizer_lib.load_tokenizer(path)
   return packing.train_tokenizer_from_docs(docs, path, vocab_size=int(data_cfg.vocab_size),
-                                           max_chars=int(data_cfg.tokenizer_max_chars), seed=seed)
+                                           max_chars=int(data_cfg.tokenizer_max_chars), seed=seed,
+                                           model_type=data_cfg.get("tokenizer_type", "bpe"))
 
 
 def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: int, seed: int,
@@ -85,14 +86,15 @@ def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: i
 
 def _streamed_val_rows(data_cfg: Any, val_docs: Any, tok: tokenizer_lib.Tokenizer,
                        max_rows: int) -> np.ndarray:
-  """The first ``max_rows`` (0 = 4096) concat-packed rows of the validation split, in order."""
+  """The first ``max_rows`` (0 = 4096) full concat-packed rows of the validation split (seed 0)."""
   from dlm.data import packing
   seq_len = int(data_cfg.seq_len)
   it = packing.stream_batches(val_docs, tok, seq_len=seq_len, batch_size=1, seed=0,
                               packing="concat", segment_ids=False, num_epochs=1)
   rows = []
   for batch in it:
-    rows.append(batch["tokens"][0])
+    if batch["loss_mask"].all():  # the split's last row is padded: leave it out
+      rows.append(batch["tokens"][0])
     if len(rows) >= (max_rows or 4096):
       break
   if not rows:

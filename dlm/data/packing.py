@@ -400,11 +400,12 @@ def sample_documents(docs: grain.MapDataset, *, max_chars: int, seed: int
 
 def train_tokenizer_from_docs(docs: grain.MapDataset,
                               out_path: str | os.PathLike[str], *,
-                              vocab_size: int, max_chars: int, seed: int
-                              ) -> tokenizer_lib.Tokenizer:
+                              vocab_size: int, max_chars: int, seed: int,
+                              model_type: str = "bpe") -> tokenizer_lib.Tokenizer:
   """Trains a tokenizer on a seeded sample of at most ``max_chars`` chars."""
   if max_chars < 1:
     raise ValueError(f"max_chars={max_chars} must be >= 1; use e.g. 4_000_000")
   sample = sample_documents(docs, max_chars=max_chars, seed=seed)
   return tokenizer_lib.train_tokenizer(
-      sample, out_path, vocab_size=vocab_size, max_chars=max_chars, seed=seed)
+      sample, out_path, vocab_size=vocab_size, max_chars=max_chars, seed=seed,
+      model_type=model_type)

@@ -117,9 +117,14 @@ def training_sample(texts: Sequence[str], *, max_chars: int, seed: int = 0,
   return sample
 
 
-def _trainer_kwargs(vocab_size: int, chunk_chars: int) -> dict[str, object]:
+MODEL_TYPES = ("bpe", "unigram")
+
+
+def _trainer_kwargs(vocab_size: int, chunk_chars: int, model_type: str = "bpe") -> dict[str, object]:
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"tokenizer model type {model_type!r} unknown; use one of {MODEL_TYPES}")
   return dict(
-      model_type="bpe",
+      model_type=model_type,
       vocab_size=vocab_size,
       normalization_rule_name="identity",
       byte_fallback=True,
@@ -139,8 +144,8 @@ def _trainer_kwargs(vocab_size: int, chunk_chars: int) -> dict[str, object]:
 
 def train_tokenizer(texts: Sequence[str], out_path: str | os.PathLike[str], *,
                     vocab_size: int, max_chars: int = 4_000_000,
-                    seed: int = 0) -> Tokenizer:
-  """Trains a byte-fallback BPE tokenizer in-process and writes it to out_path.
+                    seed: int = 0, model_type: str = "bpe") -> Tokenizer:
+  """Trains a byte-fallback BPE (or unigram) tokenizer in-process and writes it to out_path.
 
   Args:
     texts: training documents.
@@ -149,6 +154,7 @@ def train_tokenizer(texts: Sequence[str], out_path: str | os.PathLike[str], *,
       byte pieces.
     max_chars: bound on the training sample (see ``training_sample``).
     seed: seed of the sample.
+    model_type: "bpe" or "unigram" (sentencepiece's model types).
 
   Returns:
     The loaded Tokenizer.
@@ -169,7 +175,7 @@ def train_tokenizer(texts: Sequence[str], out_path: str | os.PathLike[str], *,
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sample), model_writer=model,
-        **_trainer_kwargs(vocab_size, TRAIN_CHUNK_CHARS))
+        **_trainer_kwargs(vocab_size, TRAIN_CHUNK_CHARS, model_type))
   except RuntimeError as e:
     raise ValueError(
         f"sentencepiece training failed ({str(e).strip()}); try a different"
