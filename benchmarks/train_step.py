@@ -45,14 +45,9 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
   return 2.0 * n ** 3 / best
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--config", default="configs/quickstart.py")
-  ap.add_argument("--steps", type=int, default=20)
-  ap.add_argument("--vocab_size", type=int, default=0, help="default: config.data.vocab_size")
-  args = ap.parse_args()
-  cfg = load_config(args.config)
-  vocab = args.vocab_size or int(cfg.data.vocab_size)
+def measure(cfg, steps: int, vocab: int = 0) -> dict:
+  """Median train-step time at the recipe's shapes, and its model FLOPs."""
+  vocab = vocab or int(cfg.data.vocab_size)
   model_cfg = transformer.ModelConfig.from_config(cfg.model, vocab_size=vocab)
   mesh = parallel.make_mesh(cfg.mesh)
   rules = parallel.rules_from_config(cfg.mesh)
@@ -69,33 +64,35 @@ def main() -> None:
   rng = np.random.default_rng(0)
   batch = parallel.global_batch({"tokens": rng.integers(0, vocab - 1, (b, l)).astype(np.int32)},
                                 mesh, rules)
-  compiled = step.lower(state, batch).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops_xla = float(cost.get("flops", 0.0)) if cost else 0.0
   n_params = transformer.count_params(state.params)
   n_embed = vocab * model_cfg.d_model  # the embedding lookup is not a matmul
   # 6 N per token for the matmuls, plus attention scores and values (fwd 4 L d per layer, x3).
   flops_model = b * l * (6 * (n_params - n_embed)
                          + 12 * model_cfg.num_layers * l * model_cfg.num_heads * model_cfg.hd)
-  state, m = step(state, batch)  # warm-up
+  state, m = step(state, batch)  # compile + warm-up
   jax.block_until_ready(m)
   times = []
-  for _ in range(args.steps):
+  for _ in range(steps):
     t = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   dt = float(np.median(times))
+  return {"params": n_params, "batch": b, "seq_len": l, "devices": jax.device_count(),
+          "platform": jax.devices()[0].platform, "step_s_median": dt, "tokens_per_s": b * l / dt,
+          "model_flops_per_step": flops_model, "achieved_flops": flops_model / dt}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--config", default="configs/quickstart.py")
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--vocab_size", type=int, default=0, help="default: config.data.vocab_size")
+  args = ap.parse_args()
+  result = {"config": args.config, **measure(load_config(args.config), args.steps, args.vocab_size)}
   peak = matmul_peak()
-  result = {
-      "config": args.config, "params": n_params, "batch": b, "seq_len": l,
-      "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-      "step_s_median": dt, "tokens_per_s": b * l / dt,
-      "model_flops_per_step": flops_model, "xla_flops_per_step": flops_xla,
-      "achieved_flops": flops_model / dt, "peak_flops": peak, "mfu": flops_model / dt / peak,
-  }
-  print(f"{result['tokens_per_s']:.0f} tokens/s, step {dt * 1e3:.1f} ms, "
+  result.update(peak_flops=peak, mfu=result["achieved_flops"] / peak)
+  print(f"{result['tokens_per_s']:.0f} tokens/s, step {result['step_s_median'] * 1e3:.1f} ms, "
         f"MFU {result['mfu']:.1%} of a measured {peak / 1e9:.1f} GFLOP/s matmul peak")
   print(json.dumps(result))
 
