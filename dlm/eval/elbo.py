@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from dlm.data import pipeline
+
 
 def stratified_eval_times(num_rows: int, num_passes: int, seed: int) -> np.ndarray:
   """t[k, i] = (perm_k(i) + 0.5) / N: every pass covers [0, 1] with one row per stratum."""
@@ -36,21 +38,14 @@ def evaluate(eval_fn: Callable[..., dict[str, jax.Array]], params: Any, rows: np
              progress: Callable[[int], None] | None = None) -> dict[str, float]:
   """Runs ``eval_fn(params, batch, t, rng)`` over all rows ``num_passes`` times."""
   n = rows.shape[0]
-  times = stratified_eval_times(n, num_passes, seed)
+  times = stratified_eval_times(n, num_passes, seed)  # [K, N]
+  times = np.pad(times, ((0, 0), (0, -n % batch_size)), constant_values=0.5)  # padding rows
   base = jax.random.key(seed)
   nelbo, tokens = 0.0, 0.0
-  num_batches = math.ceil(n / batch_size)
+  num_batches = pipeline.num_eval_batches(n, batch_size=batch_size)
   for k in range(num_passes):
-    for b in range(num_batches):
-      chunk = rows[b * batch_size:(b + 1) * batch_size]
+    for b, batch in enumerate(pipeline.eval_batches(rows, batch_size=batch_size)):
       t = times[k, b * batch_size:(b + 1) * batch_size]
-      mask = np.ones(chunk.shape, np.float32)
-      if chunk.shape[0] < batch_size:  # pad the last batch with rows that count for nothing
-        pad = batch_size - chunk.shape[0]
-        chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])
-        mask = np.concatenate([mask, np.zeros((pad, chunk.shape[1]), np.float32)])
-        t = np.concatenate([t, np.full((pad,), 0.5, np.float32)])
-      batch = {"tokens": chunk, "loss_mask": mask}
       if put is not None:
         batch, t = put(batch), put({"t": t})["t"]
       out = eval_fn(params, batch, t, jax.random.fold_in(base, k * num_batches + b))
