@@ -75,7 +75,10 @@ def test_peer_death_stops_the_survivor(tmp_path, victim):
     _, err = survivor.communicate(timeout=60)
     assert time.time() - killed_at < 60
     assert survivor.returncode != 0
-    assert "another task died" in err or "peer process has probably died" in err, err[-2000:]
+    # Whichever notices first: JAX's heartbeat check, the collective (gloo) that lost its
+    # peer mid-transfer, or our hang watchdog.
+    reasons = ("another task died", "peer process has probably died", "gloo")
+    assert any(r in err for r in reasons), err[-2000:]
   finally:
     for p in procs:
       if p.poll() is None:
