@@ -125,10 +125,6 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(names[:ndim], rules, mesh))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
   """Process-local numpy batch (this process's rows) -> global arrays sharded over ``batch``."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)

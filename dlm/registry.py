@@ -8,7 +8,7 @@ second form needs no change to dlm at all.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -54,7 +54,3 @@ class Registry(Generic[T]):
 
   def __contains__(self, name: str) -> bool:
     return name in self._entries
-
-
-def resolve(registry: Registry[Any], name: str) -> Any:
-  return registry.get(name)

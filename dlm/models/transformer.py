@@ -187,8 +187,3 @@ def apply_fn(graphdef: nnx.GraphDef) -> Callable[..., Array]:
 
 def count_params(params: Any) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
-
-
-def logical_specs(state: nnx.State) -> Any:
-  """The logical PartitionSpec of every parameter (names from ``with_partitioning``)."""
-  return nnx.get_partition_spec(state)
