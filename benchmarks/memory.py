@@ -58,8 +58,7 @@ def main() -> None:
       loss_fn = functools.partial(losses.get_loss("nelbo_count"),
                                   model=transformer.apply_fn(graphdef), process=process, config={})
       step = step_lib.jit_train_step(mesh, rules, shardings, loss_fn=loss_fn, tx=tx,
-                                     lr_fn=optim.learning_rate(OPTIM, 1000),
-                                     base_rng=jax.random.key(0))
+                                     lr_fn=optim.learning_rate(OPTIM, 1000))
       batch = {"tokens": jax.ShapeDtypeStruct((args.batch, args.seq_len), jnp.int32,
                                               sharding=parallel.batch_sharding(mesh, rules))}
       mem = step.lower(abstract, batch).compile().memory_analysis()

@@ -58,8 +58,7 @@ def measure(cfg, steps: int, vocab: int = 0) -> dict:
                               process=process, config=cfg.loss)
   state = state_lib.init_state(model_cfg, tx, 0, shardings)
   step = step_lib.jit_train_step(mesh, rules, shardings, loss_fn=loss_fn, tx=tx,
-                                 lr_fn=optim.learning_rate(cfg.optim, cfg.train.steps),
-                                 base_rng=jax.random.key(0))
+                                 lr_fn=optim.learning_rate(cfg.optim, cfg.train.steps))
   b, l = int(cfg.train.batch_size), int(cfg.data.seq_len)
   rng = np.random.default_rng(0)
   batch = parallel.global_batch({"tokens": rng.integers(0, vocab - 1, (b, l)).astype(np.int32)},

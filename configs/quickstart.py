@@ -106,7 +106,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every = 25
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
-  c.train.max_to_keep = 2
+  c.train.max_to_keep = 2  # newest checkpoints kept, besides the best by validation loss
+  c.train.keep_best = True
+  c.train.microbatches = 1  # gradient accumulation: the batch in this many sequential parts
+  c.train.ema_decay = 0.99  # EMA of the parameters (0 = off); eval and sampling use it
+  c.train.max_nonfinite_in_a_row = 10  # skipped non-finite updates before training stops
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
@@ -114,6 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.max_rows = 0  # 0 = all validation rows; periodic evals use eval.periodic_rows
   c.eval.periodic_rows = 256
   c.eval.seed = 1234
+  c.eval.use_ema = True  # evaluate the EMA parameters when train.ema_decay > 0
 
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "ancestral"
@@ -156,6 +161,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 30
     c.train.checkpoint_every = 30
+    c.train.ema_decay = 0.9  # 60 steps: a short average
     c.optim.warmup_steps = 10
     c.eval.max_rows = 128
     c.eval.periodic_rows = 64

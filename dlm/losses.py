@@ -5,11 +5,16 @@ A loss is
   loss_fn(params, batch, rng, *, model, process, config) -> (scalar, metrics)
 
 with model(params, x_t, t) -> logits float32 [B, L, V], batch = {"tokens":
-int32 [B, L], optional "loss_mask": [B, L]} and config the `config.loss`
+int32 [B, L], optional "loss_mask": [B, L], optional "row_ids" [B] and
+"num_rows" [] (the rows' place in the step's whole batch when gradients
+accumulate over microbatches: draw each row's randomness from them, as
+``common.sample_times`` / ``row_uniform`` / ``corrupt_rows`` do, and a
+microbatch gets exactly the loss terms of the whole batch) and config the `config.loss`
 sub-config (`antithetic: bool`, `num_steps: int`). The scalar is the NELBO in
 nats per counted token (total nats / counted tokens), which is what the
 optimizer minimizes; metrics hold "loss" (the same scalar), "nelbo_sum" (nats
-summed over the batch) and "num_tokens" (counted positions, float). Configs
+summed over the batch) and "num_tokens" (counted positions, float; the weight
+of a microbatch when gradients accumulate). Configs
 name a loss by registry name or "module:function".
 """
 
@@ -79,9 +84,10 @@ def nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   """Continuous-time NELBO, t ~ U(0,1] per sequence (MD4 eq. 4 / MDLM eq. 10; CTMC ELBO)."""
   x0, loss_mask = _tokens_and_mask(batch)
   rng_t, rng_x = jax.random.split(rng)
-  t = common.sample_times(rng_t, x0.shape[0],
+  ids, n_rows = common.batch_rows(batch)
+  t = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
                           antithetic=bool(_cfg_get(config, "antithetic", True)))
-  x_t = process.corrupt(rng_x, x0, t)
+  x_t = common.corrupt_rows(process, rng_x, ids, x0, t)
   logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
   return _per_token(process.nelbo(logits, x0, x_t, t, loss_mask), loss_mask)
 
@@ -103,11 +109,12 @@ def discrete_nelbo_loss(params: Any, batch: dict[str, Array],
         f"discrete_nelbo needs config.loss.num_steps >= 1, got {num_steps}")
   x0, loss_mask = _tokens_and_mask(batch)
   rng_t, rng_x = jax.random.split(rng)
-  u = common.sample_times(rng_t, x0.shape[0],
+  ids, n_rows = common.batch_rows(batch)
+  u = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
                           antithetic=bool(_cfg_get(config, "antithetic", True)))
   i = jnp.clip(jnp.ceil(u * num_steps), 1, num_steps)  # [B] in {1..T}
   t, s = i / num_steps, (i - 1.0) / num_steps
-  x_t = process.corrupt(rng_x, x0, t)
+  x_t = common.corrupt_rows(process, rng_x, ids, x0, t)
   logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
   per_seq = num_steps * process.discrete_nelbo(logits, x0, x_t, t, s, loss_mask)
   return _per_token(per_seq, loss_mask)
@@ -133,9 +140,12 @@ def count_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   b = x0.shape[0]
   rng_n, rng_pos = jax.random.split(rng)
   length = jnp.sum(loss_mask, axis=-1)  # [B] counted positions per row
-  u = common.sample_times(rng_n, b, antithetic=bool(_cfg_get(config, "antithetic", True)))
+  ids, n_rows = common.batch_rows(batch)
+  u = common.sample_times(rng_n, b, row_ids=ids, num_rows=n_rows,
+                          antithetic=bool(_cfg_get(config, "antithetic", True)))
   n = jnp.clip(jnp.ceil(u * length), 1.0, jnp.maximum(length, 1.0))  # [B] in {1..L}
-  scores = jnp.where(loss_mask > 0, jax.random.uniform(rng_pos, x0.shape), 2.0)  # [B, L]
+  uniform = common.row_uniform(rng_pos, ids, x0.shape[1:])
+  scores = jnp.where(loss_mask > 0, uniform, 2.0)  # [B, L]
   ranks = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)  # a uniform random order
   masked = ranks < n[:, None]  # exactly n counted positions per row
   x_t = jnp.where(masked, process.mask_id, x0)

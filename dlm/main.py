@@ -1,4 +1,4 @@
-"""The ``dlm`` command: ``dlm train | sample | eval`` (absl flags + ml_collections configs)."""
+"""The ``dlm`` command: ``dlm train | sample | eval | plot`` (absl flags, ml_collections)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "tokenizer")
+COMMANDS = ("train", "sample", "eval", "plot", "tokenizer")
 USAGE = f"usage: dlm {{{'|'.join(COMMANDS)}}} [--flags]; `dlm CMD --helpfull` lists a command's flags"
 
 
@@ -18,6 +18,8 @@ def _define_train_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/quickstart.py[:smoke].",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.")
+  flags.DEFINE_string("init_from", None,
+                      "A trained workdir whose parameters (and tokenizer) start this new run.")
   flags.DEFINE_string("coordinator_address", None,
                       "host:port of process 0, for multi-process runs (or $DLM_COORDINATOR_ADDRESS).")
   flags.DEFINE_integer("num_processes", None, "Processes in the job (or $DLM_NUM_PROCESSES).")
@@ -51,6 +53,11 @@ def _define_eval_flags() -> None:
   flags.DEFINE_integer("num_passes", None, "Stratified time passes over the rows.")
 
 
+def _define_plot_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A run's directory (its metrics.jsonl is read).")
+  flags.DEFINE_string("out", None, "PNG to write (default: WORKDIR/curves.png).")
+
+
 def cmd_train() -> None:
   from dlm import distributed
   f = flags.FLAGS
@@ -61,7 +68,7 @@ def cmd_train() -> None:
   distributed.initialize(f.coordinator_address, f.num_processes, f.process_id, auto=f.distributed)
   import jax
   from dlm.train import loop
-  result = loop.train(cfg, workdir)
+  result = loop.train(cfg, workdir, init_from=f.init_from)
   if jax.process_index() == 0:
     print(json.dumps(result))
 
@@ -94,6 +101,11 @@ def cmd_eval() -> None:
   f = flags.FLAGS
   result = run_eval.evaluate_workdir(_workdir(), max_rows=f.max_rows, num_passes=f.num_passes)
   print(json.dumps(result))
+
+
+def cmd_plot() -> None:
+  from dlm.train import plot
+  print(plot.plot_curves(_workdir(), out=flags.FLAGS.out))
 
 
 def cmd_tokenizer(args: list[str]) -> None:
@@ -134,6 +146,7 @@ _COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "train": (_define_train_flags, cmd_train),
     "sample": (_define_sample_flags, cmd_sample),
     "eval": (_define_eval_flags, cmd_eval),
+    "plot": (_define_plot_flags, cmd_plot),
     "tokenizer": (_define_tokenizer_flags, cmd_tokenizer),
 }
 

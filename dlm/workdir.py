@@ -23,17 +23,23 @@ class Run:
   apply: Callable[..., jax.Array]
   params: Any
   step: int
+  weights: str = "params"  # or "ema_params": which of the checkpoint's weights were loaded
 
   def denoiser(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return lambda x_t, t: self.apply(self.params, x_t, t)
 
 
-def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Run:
+def load_run(workdir: str | pathlib.Path, step: int | None = None,
+             ema: bool | None = None) -> Run:
+  """``ema=None`` loads the EMA weights when the checkpoint has them (``train.ema_decay > 0``)."""
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(checkpoint.read_config(workdir))
   tok = tokenizer_lib.load_tokenizer(workdir / "tokenizer.model")
   model_cfg, process = loop.build_model(config, tok)
   graphdef, abstract_params, _ = state_lib.param_logical_specs(model_cfg)
-  step, params = checkpoint.restore_params(workdir, abstract_params, step)
+  if ema is None:
+    ema = (workdir / checkpoint.CHECKPOINTS).is_dir() and checkpoint.has_ema(workdir, step)
+  step, params = checkpoint.restore_params(workdir, abstract_params, step, ema=ema)
   return Run(config=config, tokenizer=tok, model_cfg=model_cfg, process=process,
-             apply=transformer.apply_fn(graphdef), params=params, step=step)
+             apply=transformer.apply_fn(graphdef), params=params, step=step,
+             weights="ema_params" if ema else "params")

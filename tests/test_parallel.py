@@ -55,8 +55,7 @@ def _run_steps(mesh_sizes: dict[str, int], devices, batches, steps: int = 3):
                               process=process, config=cfg.loss)
   state = state_lib.init_state(MODEL, tx, 0, shardings)
   step = step_lib.jit_train_step(mesh, rules, shardings, loss_fn=loss_fn, tx=tx,
-                                 lr_fn=optim.learning_rate(cfg.optim, 10),
-                                 base_rng=jax.random.key(0))
+                                 lr_fn=optim.learning_rate(cfg.optim, 10))
   batch0 = parallel.global_batch({"tokens": batches[0]}, mesh, rules)
   grad_fn = jax.jit(step_lib.traced_in_mesh(
       lambda p, b: jax.grad(lambda q: loss_fn(q, b, jax.random.key(7))[0])(p), mesh, rules))

@@ -249,8 +249,18 @@ def test_sample_times():
   assert many.min() >= common.T_MIN and many.max() <= 1.0
   assert abs(many.mean() - 0.5) < 0.01
   assert not np.all(np.sort(np.floor(many * b), -1) == np.arange(b))  # iid, not stratified
-  np.testing.assert_allclose(common.stratified_times(4, 0.5), [0.125, 0.375, 0.625, 0.875])
-  np.testing.assert_allclose(common.stratified_times(4, 0.0), [common.T_MIN, 0.25, 0.5, 0.75])
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_row_randomness_is_independent_of_batching(antithetic):
+  """Rows 1, 5, 9, 13 of a 16-row batch draw the same times and noise alone as in the batch."""
+  rng, b = jax.random.key(3), 16
+  ids = jnp.arange(1, b, 4)
+  full = common.sample_times(rng, b, antithetic=antithetic)
+  part = common.sample_times(rng, 4, antithetic=antithetic, row_ids=ids, num_rows=b)
+  np.testing.assert_array_equal(np.asarray(full)[1::4], part)
+  u_full = common.row_uniform(rng, jnp.arange(b), (7,))
+  np.testing.assert_array_equal(np.asarray(u_full)[1::4], common.row_uniform(rng, ids, (7,)))
 
 
 # --- registries ------------------------------------------------------------------------

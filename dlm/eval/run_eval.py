@@ -33,6 +33,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, max_rows: int | None = None
   result["unigram_bits_per_byte"] = pipeline.unigram_bits_per_byte(rows, piece_bytes)
   result["improvement_over_unigram"] = 1.0 - result["bits_per_byte"] / result["unigram_bits_per_byte"]
   result["step"] = run.step
+  result["weights"] = run.weights
   if "python_version" in meta:
     result["corpus_python_version"] = meta["python_version"]
   result["process"] = run.config.process.name

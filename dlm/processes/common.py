@@ -19,27 +19,51 @@ TINY = 1e-30  # floor for denominators / probabilities that may be exactly 0
 NEG_INF = -1e9  # finite "minus infinity" for logits (no NaN in softmax / grads)
 
 
-def sample_times(rng: chex.PRNGKey, batch_size: int, *,
-                 antithetic: bool = True) -> Array:
+def sample_times(rng: chex.PRNGKey, batch_size: int, *, antithetic: bool = True,
+                 row_ids: Array | None = None, num_rows: int | Array | None = None) -> Array:
   """Per-sequence times [B] in [T_MIN, 1].
 
   antithetic=True is MD4's sampler (Shi et al. 2024; the low-discrepancy
-  sampler of VDM, Kingma et al. 2021): t_i = (u + i/B) mod 1 with one
-  u ~ U(0, 1), so the batch has exactly one time in each bin [k/B, (k+1)/B).
-  Otherwise t_i are iid U(0, 1).
+  sampler of VDM, Kingma et al. 2021): t_i = (u + i/N) mod 1 with one
+  u ~ U(0, 1), so a batch of N rows has exactly one time in each bin
+  [k/N, (k+1)/N).  Otherwise t_i are iid U(0, 1), drawn per row from
+  fold_in(rng, i).  ``row_ids`` (default 0..B-1) are the rows' indices in the
+  step's whole batch of ``num_rows`` (default B): a microbatch given its rows'
+  ids draws exactly the times the whole batch would give them.
   """
+  ids, n = row_index(batch_size, row_ids, num_rows)
   if antithetic:
     u = jax.random.uniform(rng, (), jnp.float32)
-    t = jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
+    t = jnp.mod(u + ids.astype(jnp.float32) / n, 1.0)
   else:
-    t = jax.random.uniform(rng, (batch_size,), jnp.float32)
+    t = row_uniform(rng, ids, ())
   return jnp.clip(t, T_MIN, 1.0)
 
 
-def stratified_times(batch_size: int, offset: float | Array = 0.5) -> Array:
-  """Deterministic evaluation grid t_i = (i + offset) / B, i = 0..B-1, clipped to [T_MIN, 1]."""
-  i = jnp.arange(batch_size, dtype=jnp.float32)
-  return jnp.clip((i + jnp.asarray(offset, jnp.float32)) / batch_size, T_MIN, 1.0)
+def row_index(batch_size: int, row_ids: Array | None = None,
+              num_rows: int | Array | None = None) -> tuple[Array, Array]:
+  """(row ids int32 [B], rows in the whole batch float32 []) with defaults 0..B-1 and B."""
+  ids = jnp.arange(batch_size, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids)
+  chex.assert_shape(ids, (batch_size,))
+  n = jnp.asarray(batch_size if num_rows is None else num_rows, jnp.float32)
+  return ids, n
+
+
+def batch_rows(batch: dict[str, Array]) -> tuple[Array, Array]:
+  """The batch's row ids and whole-batch row count (set by gradient accumulation)."""
+  return row_index(batch["tokens"].shape[0], batch.get("row_ids"), batch.get("num_rows"))
+
+
+def row_uniform(rng: chex.PRNGKey, row_ids: Array, shape: tuple[int, ...]) -> Array:
+  """U(0, 1) draws [B, *shape], row i's from fold_in(rng, row_ids[i]): independent of batching."""
+  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), shape,
+                                               jnp.float32))(row_ids)
+
+
+def corrupt_rows(process, rng: chex.PRNGKey, row_ids: Array, x0: Array, t: Array) -> Array:
+  """process.corrupt with row i's noise from fold_in(rng, row_ids[i]): x_t [B, L]."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids)
+  return jax.vmap(lambda k, x, ti: process.corrupt(k, x[None], ti[None])[0])(keys, x0, t)
 
 
 def bcast_time(x: Array, ndim: int) -> Array:

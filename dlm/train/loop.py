@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -14,11 +16,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dlm import distributed, losses, parallel, processes
-from dlm.data import inputs
+from dlm.data import inputs, pipeline
 from dlm.errors import UserError
 from dlm.eval import elbo
 from dlm.models import transformer
-from dlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from dlm.train import checkpoint, metrics as metrics_lib, optim, preemption
+from dlm.train import state as state_lib, step as step_lib
 
 # Config entries that fix the shapes of what is saved in a workdir.
 _SHAPE_KEYS = ("model", "process", "data.vocab_size", "data.source")
@@ -56,27 +59,82 @@ def build_model(config: ml_collections.ConfigDict, tokenizer: Any):
   return model_cfg, process
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the final metrics."""
+def _warm_start_params(init_from: str | pathlib.Path, config: ml_collections.ConfigDict,
+                       abstract_params: Any) -> tuple[int, Any]:
+  """``--init_from=DIR``: the parameters of DIR's newest checkpoint, checked against this model."""
+  src = pathlib.Path(init_from)
+  if not (src / checkpoint.CONFIG_FILE).exists():
+    raise UserError(f"--init_from={init_from} is not a dlm workdir (no {checkpoint.CONFIG_FILE});"
+                    " point it at a trained run's --workdir")
+  saved, new = json.loads((src / checkpoint.CONFIG_FILE).read_text()), config.to_dict()
+  for key in ("model", "data.vocab_size"):
+    if _get(saved, key) != _get(new, key):
+      raise UserError(f"--init_from={init_from} holds a different model ({key}: {_get(saved, key)!r}"
+                      f" there vs {_get(new, key)!r} here); use its config.model and data.vocab_size")
+  try:
+    return checkpoint.restore_params(src, abstract_params)
+  except FileNotFoundError as e:
+    raise UserError(f"--init_from={init_from}: {e}") from None
+
+
+def _copy_tokenizer(init_from: str | pathlib.Path, workdir: pathlib.Path) -> None:
+  """A warm start keeps its source's tokenizer: token ids must mean the same."""
+  src = pathlib.Path(init_from) / pipeline.TOKENIZER_FILE
+  dst = workdir / pipeline.TOKENIZER_FILE
+  if not src.exists():
+    raise UserError(f"--init_from={init_from} has no {pipeline.TOKENIZER_FILE}; point it at a"
+                    " trained run's --workdir")
+  if dst.exists():
+    if dst.read_bytes() != src.read_bytes():
+      raise UserError(f"{dst} differs from the tokenizer of --init_from={init_from}; use a new"
+                      " --workdir")
+    return
+  tmp = dst.with_suffix(".model.tmp")
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          init_from: str | pathlib.Path | None = None) -> dict[str, Any]:
+  """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the final metrics.
+
+  ``init_from``: a trained workdir whose newest parameters start a new run
+  (optimizer, step and data order start afresh); ignored when resuming.
+  """
   workdir = pathlib.Path(workdir)
   check_compatible(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
+  tc = config.train
+  microbatches = int(tc.get("microbatches", 1))
+  ema_decay = float(tc.get("ema_decay", 0.0))
+  max_bad = int(tc.get("max_nonfinite_in_a_row", 10))
+  if not 0.0 <= ema_decay < 1.0:
+    raise UserError(f"train.ema_decay={ema_decay} must be in [0, 1) (0 turns EMA off)")
+  resuming = (workdir / checkpoint.CHECKPOINTS).is_dir() and any(
+      p.name.isdigit() for p in (workdir / checkpoint.CHECKPOINTS).iterdir())
+  if init_from and not resuming and is_main:
+    _copy_tokenizer(init_from, workdir)
 
   # --- mesh ---
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.train.batch_size % shards or config.train.batch_size % jax.process_count():
+  if microbatches < 1 or tc.batch_size % microbatches:
+    raise UserError(f"train.microbatches={microbatches} must be >= 1 and divide"
+                    f" train.batch_size={tc.batch_size}; change one of them")
+  per_micro = tc.batch_size // microbatches
+  if per_micro % shards or tc.batch_size % jax.process_count():
     raise UserError(
-        f"train.batch_size={config.train.batch_size} must be divisible by the {shards}"
-        f" data-parallel devices and the {jax.process_count()} processes; change it")
+        f"train.batch_size={tc.batch_size} / train.microbatches={microbatches} must be divisible"
+        f" by the {shards} data-parallel devices, and train.batch_size by the"
+        f" {jax.process_count()} processes; change them")
 
   # --- data: process 0 trains the tokenizer and fills the cache, the others then load it ---
   if not is_main:
     distributed.barrier("dlm_prepare")
   data = inputs.make_train_input(
-      config.data, workdir, batch_size=config.train.batch_size // jax.process_count(),
+      config.data, workdir, batch_size=tc.batch_size // jax.process_count(),
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       max_val_rows=int(config.eval.max_rows))
   if is_main:
@@ -84,24 +142,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   tok = data.tokenizer
   if is_main:
     checkpoint.write_config(workdir, config.to_dict())
+  meta = checkpoint.run_meta(config.to_dict(), workdir / pipeline.TOKENIZER_FILE)
 
   # --- model, process, loss, optimizer ---
   model_cfg, process = build_model(config, tok)
-  total_steps = int(config.train.steps)
+  total_steps = int(tc.steps)
   tx = optim.make_optimizer(config.optim, total_steps)
-  graphdef, abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, rules)
+  graphdef, abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, rules,
+                                                            ema=ema_decay > 0)
   apply = transformer.apply_fn(graphdef)
   loss_fn = functools.partial(losses.get_loss(config.loss.name), model=apply, process=process,
                               config=config.loss)
 
-  # --- state: resume or init ---
-  mngr = checkpoint.manager(workdir, max_to_keep=int(config.train.max_to_keep))
+  # --- state: resume (falling back past unreadable checkpoints), warm start, or init ---
+  mngr, start, state, data_state = checkpoint.resume(
+      workdir, abstract, max_to_keep=int(tc.max_to_keep), keep_best=bool(tc.get("keep_best", True)))
   it = data.iterator
-  if mngr.latest_step() is not None:
-    start, state, data_state = checkpoint.restore(mngr, abstract)
+  if start is not None:
     it.set_state(data_state)
     if is_main:
-      print(f"resumed from {workdir}/checkpoints/{start}")
+      print(f"resumed from {workdir}/checkpoints/{start}"
+            + (f" (--init_from={init_from} ignored)" if init_from else ""))
+  elif init_from:
+    src_step, params = _warm_start_params(init_from, config, abstract.params)
+    state = state_lib.warm_start(params, tx, config.seed, shardings)
+    start = 0
+    if is_main:
+      print(f"initialized parameters from {init_from}/checkpoints/{src_step}")
   else:
     state = state_lib.init_state(model_cfg, tx, config.seed, shardings)
     start = 0
@@ -117,69 +184,114 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   train_step = step_lib.jit_train_step(mesh, rules, shardings, batch_keys=data.batch_keys,
                                        loss_fn=loss_fn, tx=tx,
                                        lr_fn=optim.learning_rate(config.optim, total_steps),
-                                       base_rng=jax.random.key(config.seed))
+                                       microbatches=microbatches, ema_decay=ema_decay)
   eval_step = step_lib.jit_eval_step(mesh, rules, shardings.params, model=apply, process=process)
+  all_finite = step_lib.jit_all_finite(shardings)
   put = functools.partial(parallel.global_batch, mesh=mesh, rules=rules)
   put_eval = functools.partial(parallel.replicated_batch, mesh=mesh, rules=rules)
   piece_bytes = tok.piece_bytes()
+  use_ema = ema_decay > 0 and bool(config.eval.get("use_ema", True))
 
-  def run_eval(params: Any, max_rows: int, passes: int) -> dict[str, float]:
+  def run_eval(st: state_lib.TrainState, max_rows: int, passes: int) -> dict[str, float]:
     rows = data.val_rows[:max_rows] if max_rows else data.val_rows
-    return elbo.evaluate(eval_step, params, rows, batch_size=int(config.eval.batch_size),
-                         piece_bytes=piece_bytes, num_passes=passes, seed=int(config.eval.seed),
-                         put=put_eval, progress=lambda _: watchdog.kick())
+    params = st.ema_params if use_ema else st.params
+    ev = elbo.evaluate(eval_step, params, rows, batch_size=int(config.eval.batch_size),
+                       piece_bytes=piece_bytes, num_passes=passes, seed=int(config.eval.seed),
+                       put=put_eval, progress=lambda _: watchdog.kick())
+    ev["ppl_bound"] = float(np.exp(ev["nelbo_per_token"]))
+    return ev
+
+  def save(step: int, val_loss: float | None = None) -> bool:
+    if not bool(all_finite(state)):  # cannot happen through the guarded step; never saved
+      if is_main:
+        bar.write(f"step {step}: the train state is not finite; checkpoint not saved")
+      return False
+    return checkpoint.save(mngr, step, state, it.get_state(), meta, val_loss)
 
   writer = metrics_lib.MetricsWriter(workdir)
-  tokens_per_step = config.train.batch_size * config.data.seq_len
+  tokens_per_step = tc.batch_size * config.data.seq_len
   bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train", unit="step",
              dynamic_ncols=True)
   t_start, t_last, last_step = time.time(), time.time(), start
   last: dict[str, Any] = {}
   step = start
-  stopped_early = False
+  stop_reason = ""
+  pending: tuple[int, jax.Array] | None = None  # last step's non-finite streak, read one step late
   # Multi-process: a step blocked on a dead peer becomes an exit with a message.
-  hang_s = float(config.train.get("hang_timeout_s", 45.0)) if jax.process_count() > 1 else 0.0
+  hang_s = float(tc.get("hang_timeout_s", 45.0)) if jax.process_count() > 1 else 0.0
   watchdog = distributed.Watchdog(hang_s)
   try:
-    while step < total_steps:
-      batch = put(next(it))
-      state, m = train_step(state, batch)
-      if step == start:
-        jax.block_until_ready(state.step)  # compiled and run once: now watch for hangs
-        watchdog.start()
-      step += 1
-      watchdog.kick()
-      bar.update(1)
-      if step % config.train.log_every == 0 or step == total_steps:
-        m = jax.device_get(m)
-        now = time.time()
-        m["tokens_per_s"] = tokens_per_step * (step - last_step) / max(now - t_last, 1e-9)
-        t_last, last_step = now, step
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"loss is {m['loss']} at step {step}; lower optim.lr")
-        writer.write(step, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s")})
-        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
-        last = m
-      if step % config.train.eval_every == 0 or step == total_steps:
-        ev = run_eval(state.params, int(config.eval.periodic_rows), 1)
-        writer.write(step, {"bits_per_byte": ev["bits_per_byte"],
-                            "nelbo_per_token": ev["nelbo_per_token"]}, prefix="val_")
-        if is_main:
-          bar.write(f"step {step}: val bits/byte {ev['bits_per_byte']:.4f}")
-      limit = float(config.train.time_limit_s)
-      stopped_early = limit > 0 and time.time() - t_start > limit and step < total_steps
-      if step % config.train.checkpoint_every == 0 or step == total_steps or stopped_early:
-        checkpoint.save(mngr, step, state, it.get_state())
-      watchdog.kick()
-      if stopped_early:
-        if is_main:
-          bar.write(f"train.time_limit_s={limit:g} reached at step {step}; saved, stopping")
-        break
+    with preemption.StopRequest() as stop:
+      while step < total_steps:
+        batch = put(next(it))
+        state, m = train_step(state, batch)
+        if step == start:
+          jax.block_until_ready(state.step)  # compiled and run once: now watch for hangs
+          watchdog.start()
+        step += 1
+        watchdog.kick()
+        bar.update(1)
+        if pending is not None:  # the previous step is done by now: no pipeline stall
+          _check_nonfinite(*pending, max_bad=max_bad, bar=bar if is_main else None,
+                           save=lambda: save(step) and checkpoint.wait(mngr), step_now=step)
+        pending = (step, m["nonfinite_streak"])
+        if step % tc.log_every == 0 or step == total_steps:
+          m = jax.device_get(m)
+          now = time.time()
+          m["tokens_per_s"] = tokens_per_step * (step - last_step) / max(now - t_last, 1e-9)
+          t_last, last_step = now, step
+          writer.write(step, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s",
+                                                "nonfinite_total")})
+          bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+          last = m
+        val_loss = None
+        if step % tc.eval_every == 0 or step == total_steps:
+          ev = run_eval(state, int(config.eval.periodic_rows), 1)
+          val_loss = ev["nelbo_per_token"]
+          writer.write(step, {k: ev[k] for k in ("bits_per_byte", "nelbo_per_token", "ppl_bound")},
+                       prefix="val_")
+          if is_main:
+            bar.write(f"step {step}: val bits/byte {ev['bits_per_byte']:.4f},"
+                      f" ppl bound {ev['ppl_bound']:.2f}")
+        limit = float(tc.time_limit_s)
+        if stop.stop_at(step) and step < total_steps:
+          stop_reason = stop.signal_name or "signal"
+        elif limit > 0 and time.time() - t_start > limit and step < total_steps:
+          stop_reason = f"train.time_limit_s={limit:g}"
+        if step % tc.checkpoint_every == 0 or step == total_steps or stop_reason:
+          save(step, val_loss)
+        watchdog.kick()
+        if stop_reason:
+          checkpoint.wait(mngr)
+          if is_main:
+            bar.write(f"{stop_reason} at step {step}: saved checkpoint {step}, stopping")
+          break
+      if pending is not None:
+        _check_nonfinite(*pending, max_bad=max_bad, bar=bar if is_main else None,
+                         save=lambda: True, step_now=step)
   finally:
     bar.close()
-    mngr.wait_until_finished()
+    checkpoint.wait(mngr)
+    mngr.close()
     watchdog.stop()
     writer.close()
   result = {"step": step, "loss": float(last.get("loss", float("nan"))),
-            "train_seconds": time.time() - t_start, "stopped_early": stopped_early}
+            "train_seconds": time.time() - t_start, "stopped_early": bool(stop_reason),
+            "stop_reason": stop_reason, "nonfinite_total": int(jax.device_get(state.nonfinite_total))}
   return result
+
+
+def _check_nonfinite(step: int, streak: jax.Array, *, max_bad: int, bar: Any, save: Any,
+                     step_now: int) -> None:
+  """Reports a skipped update; after ``max_bad`` in a row saves the (finite) state and stops."""
+  streak = int(jax.device_get(streak))
+  if not streak:
+    return
+  if bar is not None:
+    bar.write(f"step {step}: loss or gradient not finite, update skipped ({streak} in a row)")
+  if streak >= max_bad:
+    saved = save()
+    raise UserError(
+        f"{streak} non-finite updates in a row (steps {step - streak + 1}..{step}), all skipped"
+        f" (train.max_nonfinite_in_a_row={max_bad}); the finite state of step {step_now} is"
+        f" {'saved' if saved else 'NOT saved'}: lower optim.lr or check the data, then resume")

@@ -17,9 +17,14 @@ from dlm.models import transformer
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # int32 []
-  params: Any  # pure dict of float32 arrays
+  """Everything a step reads and writes: saved whole in each checkpoint."""
+  step: jax.Array  # int32 []: updates done (skipped non-finite ones included)
+  params: Any  # pure dict of float32 arrays (the master weights)
   opt_state: Any
+  ema_params: Any  # the params' exponential moving average, or None (train.ema_decay = 0)
+  rng: jax.Array  # uint32 key data of the run's base key; step s uses fold_in(rng, s)
+  nonfinite_total: jax.Array  # int32 []: updates skipped because loss or gradients were non-finite
+  nonfinite_streak: jax.Array  # int32 []: how many of them in a row, up to this step
 
 
 def param_logical_specs(model_cfg: transformer.ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:
@@ -30,7 +35,8 @@ def param_logical_specs(model_cfg: transformer.ModelConfig) -> tuple[nnx.GraphDe
 
 
 def state_shardings(model_cfg: transformer.ModelConfig, tx: optax.GradientTransformation,
-                    mesh: Mesh, rules: parallel.Rules) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+                    mesh: Mesh, rules: parallel.Rules, *,
+                    ema: bool = False) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """(graphdef, abstract TrainState, TrainState of NamedShardings)."""
   graphdef, abstract_params, specs = param_logical_specs(model_cfg)
   param_sh = parallel.tree_shardings(specs, mesh, rules)
@@ -38,9 +44,15 @@ def state_shardings(model_cfg: transformer.ModelConfig, tx: optax.GradientTransf
   opt_sh = optax.tree_map_params(
       tx, lambda _, sh: sh, abstract_opt, param_sh,
       transform_non_params=lambda _: NamedSharding(mesh, P()))
-  shardings = TrainState(step=NamedSharding(mesh, P()), params=param_sh, opt_state=opt_sh)
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                        opt_state=abstract_opt)
+  scalar = NamedSharding(mesh, P())
+  shardings = TrainState(step=scalar, params=param_sh, opt_state=opt_sh,
+                         ema_params=param_sh if ema else None, rng=scalar,
+                         nonfinite_total=scalar, nonfinite_streak=scalar)
+  count = jax.ShapeDtypeStruct((), jnp.int32)
+  abstract = TrainState(step=count, params=abstract_params, opt_state=abstract_opt,
+                        ema_params=abstract_params if ema else None,
+                        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+                        nonfinite_total=count, nonfinite_streak=count)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return graphdef, abstract, shardings
@@ -52,6 +64,23 @@ def init_state(model_cfg: transformer.ModelConfig, tx: optax.GradientTransformat
 
   def init() -> TrainState:
     params = nnx.to_pure_dict(nnx.state(transformer.init_model(model_cfg, seed)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return from_params(params, tx, seed, ema=shardings.ema_params is not None)
 
   return jax.jit(init, out_shardings=shardings)()
+
+
+def from_params(params: Any, tx: optax.GradientTransformation, seed: int, *,
+                ema: bool) -> TrainState:
+  """Step 0 around given parameters: fresh optimizer, EMA starting at the parameters."""
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                    rng=jax.random.key_data(jax.random.key(seed)),
+                    nonfinite_total=zero, nonfinite_streak=zero)
+
+
+def warm_start(params: Any, tx: optax.GradientTransformation, seed: int,
+               shardings: TrainState) -> TrainState:
+  """``--init_from``: given parameters (already in their shardings), everything else fresh."""
+  fn = lambda p: from_params(p, tx, seed, ema=shardings.ema_params is not None)
+  return jax.jit(fn, out_shardings=shardings)(params)
