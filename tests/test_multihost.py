@@ -93,3 +93,31 @@ def test_watchdog_turns_a_hang_into_an_exit():
                         env=_env(1), cwd=ROOT)
   assert proc.returncode == 1 and "peer process has probably died" in proc.stderr
   assert 2.0 < time.time() - t0 < 15.0  # kicked for 1.5 s, then fired ~1-2 s later
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
+  """JAX's preemption sync point: every process stops and saves at the same step, exit 0."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      TRAIN + [f"--workdir={tmp_path}", "--config.train.steps=100000",
+               "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000"],
+      env=_env(4, DLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DLM_NUM_PROCESSES="2",
+               DLM_PROCESS_ID=str(i)),
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+      assert time.time() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # the worker only, as a preempted host would be
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    line = [l for l in outs[0][0].splitlines() if l.startswith("SIGTERM at step")]
+    assert line, outs[0]
+    step = int(line[0].split()[3].rstrip(":"))
+    assert load_run(tmp_path).step == step >= 3
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()

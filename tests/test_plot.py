@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from dlm.errors import UserError
-from dlm.train import plot
+from dlm.train import metrics, plot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -100,13 +100,16 @@ def test_missing_metrics_names_the_fix(tmp_path):
   assert not (tmp_path / "curves.png").exists()
 
 
-def test_partial_line_is_a_user_error(tmp_path):
+def test_a_line_cut_by_a_kill_is_skipped(tmp_path):
+  """A run killed mid-write leaves a partial line; the resumed run appends after it."""
   records = _run_records()
-  _write_metrics(tmp_path, records)
+  _write_metrics(tmp_path, records[:3])
   with (tmp_path / "metrics.jsonl").open("a") as f:
     f.write('{"step": 310, "lo')
-  with pytest.raises(UserError, match=f"line {len(records) + 1} is not JSON"):
-    plot.plot_curves(tmp_path)
+    f.write("".join(json.dumps(r) + "\n" for r in records[3:]))
+  got = metrics.read_metrics(tmp_path)
+  assert [r["step"] for r in got] == [r["step"] for r in records[:3] + records[4:]]  # one lost
+  assert plot.plot_curves(tmp_path).exists()
 
 
 def _dlm(*args: str) -> subprocess.CompletedProcess:

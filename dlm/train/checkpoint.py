@@ -54,6 +54,9 @@ def manager(workdir: str | os.PathLike, *, max_to_keep: int = 3, keep_best: bool
         keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       create=create, enable_async_checkpointing=True,
+      # Step directories made before save() returns: a directory that cannot be created is an
+      # error there (a warning for us), not a background wait for a signal that never comes.
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
       # best_fn only makes orbax write each checkpoint's metrics; the policy decides.
       best_fn=lambda m: float(m.get("val_loss", float("inf"))), best_mode="min",
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))

@@ -79,6 +79,9 @@ def _warm_start_params(init_from: str | pathlib.Path, config: ml_collections.Con
 
 def _copy_tokenizer(init_from: str | pathlib.Path, workdir: pathlib.Path) -> None:
   """A warm start keeps its source's tokenizer: token ids must mean the same."""
+  if not (pathlib.Path(init_from) / checkpoint.CONFIG_FILE).exists():
+    raise UserError(f"--init_from={init_from} is not a dlm workdir (no {checkpoint.CONFIG_FILE});"
+                    " point it at a trained run's --workdir")
   src = pathlib.Path(init_from) / pipeline.TOKENIZER_FILE
   dst = workdir / pipeline.TOKENIZER_FILE
   if not src.exists():
@@ -195,11 +198,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   def run_eval(st: state_lib.TrainState, max_rows: int, passes: int) -> dict[str, float]:
     rows = data.val_rows[:max_rows] if max_rows else data.val_rows
     params = st.ema_params if use_ema else st.params
-    ev = elbo.evaluate(eval_step, params, rows, batch_size=int(config.eval.batch_size),
-                       piece_bytes=piece_bytes, num_passes=passes, seed=int(config.eval.seed),
-                       put=put_eval, progress=lambda _: watchdog.kick())
-    ev["ppl_bound"] = float(np.exp(ev["nelbo_per_token"]))
-    return ev
+    return elbo.evaluate(eval_step, params, rows, batch_size=int(config.eval.batch_size),
+                         piece_bytes=piece_bytes, num_passes=passes, seed=int(config.eval.seed),
+                         put=put_eval, progress=lambda _: watchdog.kick())
 
   def save(step: int, val_loss: float | None = None) -> bool:
     if not bool(all_finite(state)):  # cannot happen through the guarded step; never saved

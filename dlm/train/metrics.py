@@ -37,7 +37,14 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """The records of ``metrics.jsonl``, skipping a line garbled by a kill in mid-write."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return records

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
@@ -48,26 +47,11 @@ def ema(values: Sequence[float], span: int) -> list[float]:
   return out
 
 
-def _bad_line(path: pathlib.Path) -> int:
-  """1-based number of the first non-empty line of ``path`` that is not JSON (0 if none)."""
-  for i, line in enumerate(path.read_text().splitlines(), 1):
-    try:
-      if line.strip():
-        json.loads(line)
-    except json.JSONDecodeError:
-      return i
-  return 0
-
-
 def _read(workdir: pathlib.Path) -> list[dict[str, Any]]:
   hint = f"train first with `dlm train --config=... --workdir={workdir}`"
   if not (workdir / "metrics.jsonl").is_file():
     raise UserError(f"no metrics in {workdir}/metrics.jsonl; {hint}")
-  try:
-    records = metrics.read_metrics(workdir)
-  except json.JSONDecodeError:
-    raise UserError(f"{workdir}/metrics.jsonl line {_bad_line(workdir / 'metrics.jsonl')} is "
-                    "not JSON (a partial write?); delete that line and rerun") from None
+  records = metrics.read_metrics(workdir)
   if not any("loss" in r for r in records):
     raise UserError(f"no training records in {workdir}/metrics.jsonl; {hint}")
   return records
