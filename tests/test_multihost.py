@@ -33,6 +33,25 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _start_pair(workdir: pathlib.Path, stdout: int) -> list[subprocess.Popen]:
+  """Two processes x 4 devices training (practically) forever in ``workdir``."""
+  port = _free_port()
+  return [subprocess.Popen(
+      TRAIN + [f"--workdir={workdir}", "--config.train.steps=100000",
+               "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000"],
+      env=_env(4, DLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DLM_NUM_PROCESSES="2",
+               DLM_PROCESS_ID=str(i)),
+      cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _wait_for_lines(workdir: pathlib.Path, procs: list[subprocess.Popen], n: int) -> None:
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not metrics.exists() or len(metrics.read_text().splitlines()) < n:
+    assert time.time() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.2)
+
+
 def test_two_processes_match_one(tmp_path):
   one, two = tmp_path / "one", tmp_path / "two"
   args = ["--config.train.steps=5", "--config.train.checkpoint_every=5"]
@@ -56,19 +75,9 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker_dies", "coordinator_dies"])
 def test_peer_death_stops_the_survivor(tmp_path, victim):
-  port = _free_port()
-  procs = [subprocess.Popen(
-      TRAIN + [f"--workdir={tmp_path}", "--config.train.steps=100000",
-               "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000"],
-      env=_env(4, DLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DLM_NUM_PROCESSES="2",
-               DLM_PROCESS_ID=str(i)),
-      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = _start_pair(tmp_path, stdout=subprocess.DEVNULL)
   try:
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
-      assert time.time() < deadline and all(p.poll() is None for p in procs)
-      time.sleep(0.5)
+    _wait_for_lines(tmp_path, procs, 2)
     killed_at = time.time()
     procs[victim].send_signal(signal.SIGKILL)
     survivor = procs[1 - victim]
@@ -97,19 +106,9 @@ def test_watchdog_turns_a_hang_into_an_exit():
 
 def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
   """JAX's preemption sync point: every process stops and saves at the same step, exit 0."""
-  port = _free_port()
-  procs = [subprocess.Popen(
-      TRAIN + [f"--workdir={tmp_path}", "--config.train.steps=100000",
-               "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000"],
-      env=_env(4, DLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DLM_NUM_PROCESSES="2",
-               DLM_PROCESS_ID=str(i)),
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = _start_pair(tmp_path, stdout=subprocess.PIPE)
   try:
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
-      assert time.time() < deadline and all(p.poll() is None for p in procs)
-      time.sleep(0.2)
+    _wait_for_lines(tmp_path, procs, 3)
     procs[1].send_signal(signal.SIGTERM)  # the worker only, as a preempted host would be
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
