@@ -1,4 +1,4 @@
-"""The ``dlm`` command: ``dlm train | sample | eval | plot`` (absl flags, ml_collections)."""
+"""The ``dlm`` command: ``dlm train | sample | eval | plot | convert | export | tokenizer``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "plot", "tokenizer")
+COMMANDS = ("train", "sample", "eval", "plot", "convert", "export", "tokenizer")
 USAGE = f"usage: dlm {{{'|'.join(COMMANDS)}}} [--flags]; `dlm CMD --helpfull` lists a command's flags"
 
 
@@ -28,8 +28,22 @@ def _define_train_flags() -> None:
                     "Join a job JAX detects by itself (Cloud TPU pods, SLURM) without a coordinator.")
 
 
+def _define_convert_flags() -> None:
+  flags.DEFINE_enum("from", None, ["llada", "dream"], "The checkpoint family of --src.")
+  flags.DEFINE_string("src", None, "A Hugging Face model folder: config.json, *.safetensors.")
+  flags.DEFINE_string("workdir", None, "A new folder for the dlm workdir.")
+
+
+def _define_export_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A dlm workdir (trained or converted).")
+  flags.DEFINE_string("out", None, "A new folder for config.json and *.safetensors.")
+  flags.DEFINE_integer("max_shard_gb", 5, "Largest safetensors shard, in GiB.")
+
+
 def _define_sample_flags() -> None:
   flags.DEFINE_string("workdir", None, "A trained run's directory.")
+  flags.DEFINE_string("hf", None, "Sample a Hugging Face LLaDA/Dream folder directly.")
+  flags.DEFINE_bool("chat", False, "Wrap --prompt in the model's chat template (instruct models).")
   flags.DEFINE_string("prompt", None, "Fixed prefix; the rest of the row is generated.")
   flags.DEFINE_string("infill", None, "Template with <gap> or <gap:N> markers to fill.")
   flags.DEFINE_integer("num_samples", None, "Number of samples (default: config.sample).")
@@ -74,17 +88,27 @@ def cmd_train() -> None:
 
 
 def cmd_sample() -> None:
+  from dlm.errors import UserError
   from dlm.sample import generate
-  from dlm.workdir import load_run
+  from dlm.workdir import is_imported, load_imported, load_run
   f = flags.FLAGS
-  run = load_run(_workdir())
+  if f.hf:
+    run = load_imported(f.hf)
+  else:
+    run = load_imported(_workdir()) if is_imported(_workdir()) else load_run(_workdir())
+  if run.tokenizer is None:
+    raise UserError(f"{f.hf or f.workdir} has no tokenizer.json; dlm sample needs it to read"
+                    " --prompt: copy the model's tokenizer files there")
+  prompt = f.prompt
+  if f.chat:
+    prompt = run.tokenizer.apply_chat_template([{"role": "user", "content": f.prompt or ""}])
   sc = run.config.sample
   length = f.length or int(sc.get("length", 0)) or int(run.config.data.seq_len)
   temperature = sc.temperature if f.temperature is None else f.temperature
   top_p = sc.top_p if f.top_p is None else f.top_p
   if temperature < 0 or not 0 < top_p <= 1:
     raise _usage(f"need --temperature >= 0 and 0 < --top_p <= 1, got {temperature}, {top_p}")
-  given, fixed = generate.build_template(run.tokenizer, length=length, prompt=f.prompt,
+  given, fixed = generate.build_template(run.tokenizer, length=length, prompt=prompt,
                                          infill=f.infill, gap_length=f.gap_length)
   tokens, nfe = generate.sample_tokens(
       run.denoiser(), run.process, given, fixed,
@@ -142,11 +166,29 @@ def _workdir() -> str:
   return flags.FLAGS.workdir
 
 
+def cmd_convert() -> None:
+  from dlm.convert import workdir as convert_workdir
+  f = flags.FLAGS
+  if not f["from"].value or not f.src or not f.workdir:
+    raise _usage("dlm convert needs --from=llada|dream --src=HF_DIR --workdir=OUT")
+  print(convert_workdir.convert(f.src, f.workdir, expected=f["from"].value))
+
+
+def cmd_export() -> None:
+  from dlm.convert import workdir as convert_workdir
+  f = flags.FLAGS
+  if not f.out:
+    raise _usage("dlm export needs --workdir=DIR --out=HF_DIR")
+  print(convert_workdir.export(_workdir(), f.out, max_shard_bytes=int(f.max_shard_gb * 2**30)))
+
+
 _COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "train": (_define_train_flags, cmd_train),
     "sample": (_define_sample_flags, cmd_sample),
     "eval": (_define_eval_flags, cmd_eval),
     "plot": (_define_plot_flags, cmd_plot),
+    "convert": (_define_convert_flags, cmd_convert),
+    "export": (_define_export_flags, cmd_export),
     "tokenizer": (_define_tokenizer_flags, cmd_tokenizer),
 }
 

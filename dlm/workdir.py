@@ -43,3 +43,18 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None,
   return Run(config=config, tokenizer=tok, model_cfg=model_cfg, process=process,
              apply=transformer.apply_fn(graphdef), params=params, step=step,
              weights="ema_params" if ema else "params")
+
+
+def load_imported(path: str | pathlib.Path) -> Run:
+  """A Hugging Face LLaDA/Dream folder or a converted workdir, as a ``Run`` for the sampler."""
+  from dlm import api, processes
+  m = api.from_pretrained(path)
+  process = processes.make_process(m.config.process, vocab_size=m.model_cfg.vocab_size,
+                                   mask_id=m.ids["mask"])
+  return Run(config=m.config, tokenizer=m.tokenizer, model_cfg=m.model_cfg, process=process,
+             apply=m.apply, params=m.params, step=0)
+
+
+def is_imported(workdir: str | pathlib.Path) -> bool:
+  cfg = checkpoint.read_config(workdir)
+  return "hf" in cfg

@@ -100,3 +100,16 @@ def test_bad_inputs_get_one_line_errors(trained, tmp_path):
   # nothing saved was touched
   assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == before
   assert (trained / "config.json").read_text() == cfg_before
+
+
+def test_from_pretrained_and_export_of_a_trained_run(trained, tmp_path):
+  import numpy as np
+  import dlm
+  from dlm.convert import workdir as convert_workdir
+  m = dlm.from_pretrained(trained)
+  ids = np.array([[5, 6, 7, 8, m.ids["mask"], 9]], np.int32)
+  logits = m.logits(ids)
+  assert logits.shape == (1, 6, m.model_cfg.vocab_size) and np.isfinite(logits).all()
+  out = convert_workdir.export(trained, tmp_path / "hf")  # a LLaDA-format folder
+  again = dlm.from_pretrained(out)
+  np.testing.assert_array_equal(again.logits(ids), logits)

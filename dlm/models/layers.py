@@ -57,23 +57,36 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 
 class Attention(nnx.Module):
-  """Multi-head attention with RoPE through ``jax.nn.dot_product_attention``."""
+  """Multi-head (or grouped-query) attention with RoPE through ``jax.nn.dot_product_attention``.
+
+  With ``num_kv_heads < num_heads`` query head h reads kv head h // (num_heads / num_kv_heads)
+  (GQA, Ainslie et al. 2023); ``qkv_bias`` adds q/k/v biases (Qwen2 / Dream).
+  """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rope_theta: float,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+               dtype: jnp.dtype, rngs: nnx.Rngs, num_kv_heads: int | None = None,
+               qkv_bias: bool = False):
+    kv = num_kv_heads or num_heads
     self.num_heads, self.head_dim, self.rope_theta, self.dtype = num_heads, head_dim, rope_theta, dtype
     init = _fan_in_init(d_model)
     self.wq = param(rngs, init, (d_model, num_heads, head_dim), ("embed", "heads", "kv"))
-    self.wk = param(rngs, init, (d_model, num_heads, head_dim), ("embed", "heads", "kv"))
-    self.wv = param(rngs, init, (d_model, num_heads, head_dim), ("embed", "heads", "kv"))
+    self.wk = param(rngs, init, (d_model, kv, head_dim), ("embed", "heads", "kv"))
+    self.wv = param(rngs, init, (d_model, kv, head_dim), ("embed", "heads", "kv"))
     self.wo = param(rngs, _fan_in_init(num_heads * head_dim), (num_heads, head_dim, d_model),
                      ("heads", "kv", "embed"))
+    zeros = jax.nn.initializers.zeros
+    self.bq = param(rngs, zeros, (num_heads, head_dim), ("heads", "kv")) if qkv_bias else None
+    self.bk = param(rngs, zeros, (kv, head_dim), ("heads", "kv")) if qkv_bias else None
+    self.bv = param(rngs, zeros, (kv, head_dim), ("heads", "kv")) if qkv_bias else None
 
   def __call__(self, x: Array, positions: Array, mask: Array | None) -> Array:
     dt = self.dtype
-    q = jnp.einsum("bld,dnh->blnh", x, self.wq[...].astype(dt))
-    k = jnp.einsum("bld,dnh->blnh", x, self.wk[...].astype(dt))
-    v = jnp.einsum("bld,dnh->blnh", x, self.wv[...].astype(dt))
+
+    def project(w: nnx.Param, b: nnx.Param | None) -> Array:
+      y = jnp.einsum("bld,dnh->blnh", x, w[...].astype(dt))
+      return y if b is None else y + b[...].astype(dt)
+
+    q, k, v = project(self.wq, self.bq), project(self.wk, self.bk), project(self.wv, self.bv)
     q, k, v = (constrain(a, ("batch", "length", "heads", "kv")) for a in (q, k, v))
     q = rope(q, positions, self.rope_theta)
     k = rope(k, positions, self.rope_theta)

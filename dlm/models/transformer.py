@@ -40,12 +40,24 @@ class ModelConfig:
   cond_dim: int = 128
   dtype: str = "float32"
   remat: str = "none"
+  # Options that make public checkpoints configurations of this one model (see dlm/convert/):
+  num_kv_heads: int | None = None  # grouped-query attention when < num_heads
+  qkv_bias: bool = False  # Qwen2 / Dream
+  tie_embeddings: bool = False  # logits = h @ embed.T, no separate head
+  shift_logits: bool = False  # Dream (from an AR model): position i is predicted at output i-1
+  pad_positions: str = "index"  # "index": RoPE at 0..L-1; "cumsum": cumsum(attention_mask) - 1
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:
       raise ValueError(f"model.dtype {self.dtype!r} unknown; use one of {sorted(_DTYPES)}")
     if self.remat not in _REMAT:
       raise ValueError(f"model.remat {self.remat!r} unknown; use one of {sorted(_REMAT)}")
+    if self.num_kv_heads is not None and (self.num_kv_heads < 1
+                                          or self.num_heads % self.num_kv_heads):
+      raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide"
+                       f" model.num_heads={self.num_heads}")
+    if self.pad_positions not in ("index", "cumsum"):
+      raise ValueError(f"model.pad_positions {self.pad_positions!r} unknown; use 'index' or 'cumsum'")
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(
           f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads};"
@@ -82,7 +94,8 @@ class Block(nnx.Module):
     dt = cfg.compute_dtype
     self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.attn = layers.Attention(cfg.d_model, cfg.num_heads, cfg.hd, rope_theta=cfg.rope_theta,
-                                 dtype=dt, rngs=rngs)
+                                 dtype=dt, rngs=rngs, num_kv_heads=cfg.num_kv_heads,
+                                 qkv_bias=cfg.qkv_bias)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp, dtype=dt, rngs=rngs)
     self.ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 6, rngs=rngs)
@@ -117,15 +130,27 @@ class Transformer(nnx.Module):
     self.final_ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 2, rngs=rngs)
                       if cfg.time_conditioning else None)
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-    self.head = layers.param(rngs, jax.nn.initializers.normal(cfg.d_model ** -0.5),
-                             (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+    self.head = (None if cfg.tie_embeddings else
+                 layers.param(rngs, jax.nn.initializers.normal(cfg.d_model ** -0.5),
+                              (cfg.d_model, cfg.vocab_size), ("embed", "vocab")))
 
   def __call__(self, x_t: Array, t: Array | None = None, *, segment_ids: Array | None = None,
-               attention_mask: Array | None = None, positions: Array | None = None) -> Array:
-    """x_t: int [B, L]; t: float [B]; segment_ids / attention_mask: [B, L] -> logits f32 [B, L, V]."""
+               attention_mask: Array | None = None, positions: Array | None = None,
+               raw_logits: bool = False) -> Array:
+    """x_t: int [B, L]; t: float [B]; segment_ids / attention_mask: [B, L] -> logits f32 [B, L, V].
+
+    Logits at position i are the denoiser's prediction of token i; with
+    ``shift_logits`` that is the network's output i-1 (position 0 keeps its own),
+    and ``raw_logits=True`` returns the unshifted output (what the public code returns).
+    attention_mask (1 = real token) masks keys; left-padded rows get positions
+    per ``pad_positions``.
+    """
     cfg = self.cfg
     chex.assert_rank(x_t, 2)
     b, l = x_t.shape
+    if positions is None and attention_mask is not None and cfg.pad_positions == "cumsum":
+      real = attention_mask.astype(jnp.int32)
+      positions = jnp.where(real > 0, jnp.cumsum(real, axis=-1) - 1, 1)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     mask = _attention_mask(segment_ids, attention_mask)
@@ -150,7 +175,12 @@ class Transformer(nnx.Module):
     if self.final_ada is not None:
       shift, scale = self.final_ada(c)
       h = layers.modulate(h, shift, scale)
-    logits = jnp.einsum("bld,dv->blv", h, self.head[...].astype(cfg.compute_dtype))
+    if self.head is None:
+      logits = jnp.einsum("bld,vd->blv", h, self.embed[...].astype(cfg.compute_dtype))
+    else:
+      logits = jnp.einsum("bld,dv->blv", h, self.head[...].astype(cfg.compute_dtype))
+    if cfg.shift_logits and not raw_logits:
+      logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     chex.assert_shape(logits, (b, l, cfg.vocab_size))
     return logits

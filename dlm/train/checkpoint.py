@@ -45,8 +45,12 @@ def _warn(msg: str) -> None:
 
 
 def manager(workdir: str | os.PathLike, *, max_to_keep: int = 3, keep_best: bool = True,
-            create: bool = True) -> ocp.CheckpointManager:
-  """Keeps the newest ``max_to_keep`` checkpoints and, with ``keep_best``, the lowest ``val_loss``."""
+            create: bool = True, save_concurrent_gb: int | None = None) -> ocp.CheckpointManager:
+  """Keeps the newest ``max_to_keep`` checkpoints and, with ``keep_best``, the lowest ``val_loss``.
+
+  ``save_concurrent_gb`` bounds the bytes in flight while writing (imports of
+  host-held weights use 1, so writing adds little to the weights themselves).
+  """
   policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max(int(max_to_keep), 1))]
   if keep_best:  # checkpoints saved without a validation loss rank last
     policies.append(ocp.checkpoint_managers.BestN(
@@ -61,7 +65,11 @@ def manager(workdir: str | os.PathLike, *, max_to_keep: int = 3, keep_best: bool
       best_fn=lambda m: float(m.get("val_loss", float("inf"))), best_mode="min",
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   path = pathlib.Path(workdir).absolute() / CHECKPOINTS
-  return ocp.CheckpointManager(path, options=options, item_names=ITEMS)
+  if save_concurrent_gb is None:
+    return ocp.CheckpointManager(path, options=options, item_names=ITEMS)
+  handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
+              "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
 
 
 def run_meta(config_dict: dict[str, Any], tokenizer_path: str | os.PathLike) -> dict[str, Any]:

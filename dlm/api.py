@@ -1,0 +1,129 @@
+"""``dlm.from_pretrained(path)``: a Hugging Face LLaDA/Dream folder or a dlm workdir as a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dlm import processes
+from dlm.errors import UserError
+from dlm.models import transformer
+from dlm.train import checkpoint, state as state_lib
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  sequences: np.ndarray  # int32 [B, P + gen]: the prompt and what was generated
+  nfe: int  # denoiser calls
+
+
+@dataclasses.dataclass
+class DiffusionLM:
+  """A loaded model: parameters, our Transformer's config, special ids and the tokenizer."""
+  config: ml_collections.ConfigDict
+  model_cfg: transformer.ModelConfig
+  params: Any
+  ids: dict[str, int | None]
+  tokenizer: Any
+  apply: Any  # the pure apply(params, x_t, t, **kw) -> logits
+
+  @functools.cached_property
+  def _apply(self):
+    return jax.jit(self.apply, static_argnames=("raw_logits",))
+
+  def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+    """The network's float32 logits [B, L, V] as the reference forward returns them (Dream unshifted).
+
+    ``attention_mask`` [B, L] (1 = real token) for left-padded batches.
+    """
+    ids = jnp.asarray(input_ids, jnp.int32)
+    if ids.ndim != 2:
+      raise UserError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
+    if int(jnp.max(ids)) >= self.model_cfg.vocab_size or int(jnp.min(ids)) < 0:
+      raise UserError(f"input_ids must be in [0, {self.model_cfg.vocab_size}); got"
+                      f" {int(jnp.min(ids))}..{int(jnp.max(ids))}")
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    if mask is not None and mask.shape != ids.shape:
+      raise UserError(f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
+    return np.asarray(self._apply(self.params, ids, None, attention_mask=mask, raw_logits=True))
+
+  def generate(self, prompt_ids: Any, attention_mask: Any = None, *, sampler: str = "ancestral",
+               steps: int = 64, gen_length: int = 64, temperature: float = 1.0,
+               top_p: float = 1.0, seed: int = 0) -> GenerateOutput:
+    """Fills ``gen_length`` masked positions after each prompt (the sampler issue adds more)."""
+    from dlm.sample import samplers
+    prompt = np.asarray(prompt_ids, np.int32)
+    if prompt.ndim == 1:
+      prompt = prompt[None]
+    if attention_mask is not None and not np.all(np.asarray(attention_mask)):
+      raise UserError("left-padded batches need the LLaDA/Dream samplers; pass one prompt at a time")
+    b, p = prompt.shape
+    mask_id = self.ids["mask"]
+    given = np.concatenate([prompt, np.full((b, gen_length), mask_id, np.int32)], axis=1)
+    fixed = np.concatenate([np.ones((b, p), bool), np.zeros((b, gen_length), bool)], axis=1)
+    process = processes.make_process(self.config.process, vocab_size=self.model_cfg.vocab_size,
+                                     mask_id=mask_id)
+    smp = samplers.make_sampler(sampler, lambda x, t: self.apply(self.params, x, t), process,
+                                steps=steps, temperature=temperature, top_p=top_p)
+    final = jax.jit(lambda rng, g, f: samplers.run(smp, rng, g, f))(
+        jax.random.key(seed), jnp.asarray(given), jnp.asarray(fixed))
+    return GenerateOutput(np.asarray(final.x), int(final.nfe))
+
+
+def _is_hf_folder(path: pathlib.Path) -> bool:
+  cfg = path / "config.json"
+  return cfg.is_file() and "model" not in json.loads(cfg.read_text())
+
+
+def from_pretrained(path: str | pathlib.Path, *, dtype: str | None = "float32") -> DiffusionLM:
+  """An HF folder (LLaDA / Dream: config.json + safetensors) or a dlm workdir -> ``DiffusionLM``.
+
+  ``dtype``: the parameters' dtype in memory (None keeps the checkpoint's, e.g.
+  bfloat16 for the released 8B models); compute runs in ``model.dtype``.
+  """
+  from dlm.convert import hf, workdir as convert_workdir
+  from dlm.data import hf_tokenizer
+  path = pathlib.Path(path)
+  if not (path / "config.json").is_file():
+    raise UserError(f"{path} has no config.json: give a Hugging Face model folder or a dlm workdir")
+  if _is_hf_folder(path):
+    fam, model, hf_cfg, params = hf.load_params(path)
+    ids = fam.special_ids(hf_cfg)
+    config = ml_collections.ConfigDict(convert_workdir.dlm_config(
+        fam.name, model, hf_cfg, ids, str(path), str(params["embed"].dtype)))
+  else:
+    config = ml_collections.ConfigDict(checkpoint.read_config(path))
+    if "hf" not in config:  # trained by dlm: its own loader (tokenizer, EMA weights)
+      from dlm.workdir import load_run
+      run = load_run(path)
+      tok = run.tokenizer
+      params = run.params if dtype is None else jax.tree.map(lambda x: jnp.asarray(x, dtype),
+                                                             run.params)
+      ids = {"mask": tok.mask_id, "eos": tok.eos_id, "pad": tok.pad_id, "bos": tok.bos_id}
+      return DiffusionLM(config=config, model_cfg=run.model_cfg, params=params, ids=ids,
+                         tokenizer=tok, apply=run.apply)
+    ids = dict(config.hf.ids)
+    params = None
+  model_cfg = transformer.ModelConfig.from_config(config.model)
+  graphdef, abstract, _ = state_lib.param_logical_specs(model_cfg)
+  if params is None:
+    stored = config.get("hf", {}).get("param_dtype") if "hf" in config else None
+    want = jnp.dtype(dtype or stored or "float32")
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, want), abstract)
+    _, params = checkpoint.restore_params(path, abstract)
+  if dtype is not None:
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  else:
+    params = jax.tree.map(jnp.asarray, params)
+  tok = hf_tokenizer.load_any_tokenizer(path, vocab_size=model_cfg.vocab_size,
+                                        **{f"{k}_id": v for k, v in ids.items()})
+  return DiffusionLM(config=config, model_cfg=model_cfg, params=params, ids=ids, tokenizer=tok,
+                     apply=transformer.apply_fn(graphdef))

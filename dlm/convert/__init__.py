@@ -1,0 +1,1 @@
+"""Import and export public checkpoints (LLaDA, Dream) as dlm parameters."""

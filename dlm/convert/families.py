@@ -1,0 +1,192 @@
+"""Public checkpoint families as configurations of our Transformer: config and tensor-name maps.
+
+LLaDA (Nie et al. 2025): a bidirectional LLaMA, no biases, rotate-half RoPE,
+untied head.  Dream (Ye et al. 2025): Qwen2.5 weights (GQA, q/k/v biases, RoPE
+theta 1e6) whose logits are shifted by one position (adapted from an AR model).
+Each family is a set of ``Rule``s: our parameter path <- its tensor name, and
+the exact (invertible) reshape between the two layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from dlm.errors import UserError
+
+Array = np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  ours: tuple[str, ...]  # path in our params dict; under "blocks" the layer axis comes first
+  theirs: str  # tensor name, "{i}" for the layer index
+  to_ours: Callable[[Array, dict[str, int]], Array]
+  to_theirs: Callable[[Array, dict[str, int]], Array]
+
+  @property
+  def per_layer(self) -> bool:
+    return "{i}" in self.theirs
+
+
+def _same(x: Array, _: dict[str, int]) -> Array:
+  return x
+
+
+def _t(x: Array, _: dict[str, int]) -> Array:
+  return x.T
+
+
+def _in_heads(n: str) -> tuple[Callable, Callable]:
+  """Linear [n*hd, d] (out, in) <-> ours [d, n, hd]."""
+  return (lambda x, s: x.T.reshape(s["d"], s[n], s["hd"]),
+          lambda y, s: y.reshape(s["d"], s[n] * s["hd"]).T)
+
+
+def _bias(n: str) -> tuple[Callable, Callable]:
+  """Bias [n*hd] <-> ours [n, hd]."""
+  return (lambda x, s: x.reshape(s[n], s["hd"]), lambda y, s: y.reshape(s[n] * s["hd"]))
+
+
+_OUT = (lambda x, s: x.T.reshape(s["nh"], s["hd"], s["d"]),  # o_proj [d, nh*hd] <-> [nh, hd, d]
+        lambda y, s: y.reshape(s["nh"] * s["hd"], s["d"]).T)
+
+
+def _rules(names: dict[str, str], qkv_bias: bool, tied: bool) -> list[Rule]:
+  q, kv = _in_heads("nh"), _in_heads("nkv")
+  rules = [
+      Rule(("embed",), names["embed"], _same, _same),
+      Rule(("blocks", "attn_norm", "scale"), names["attn_norm"], _same, _same),
+      Rule(("blocks", "attn", "wq"), names["q"], *q),
+      Rule(("blocks", "attn", "wk"), names["k"], *kv),
+      Rule(("blocks", "attn", "wv"), names["v"], *kv),
+      Rule(("blocks", "attn", "wo"), names["o"], *_OUT),
+      Rule(("blocks", "mlp_norm", "scale"), names["mlp_norm"], _same, _same),
+      Rule(("blocks", "mlp", "w_gate"), names["gate"], _t, _t),
+      Rule(("blocks", "mlp", "w_up"), names["up"], _t, _t),
+      Rule(("blocks", "mlp", "w_out"), names["down"], _t, _t),
+      Rule(("final_norm", "scale"), names["final_norm"], _same, _same),
+  ]
+  if qkv_bias:
+    rules += [Rule(("blocks", "attn", "bq"), names["q"].replace(".weight", ".bias"), *_bias("nh")),
+              Rule(("blocks", "attn", "bk"), names["k"].replace(".weight", ".bias"), *_bias("nkv")),
+              Rule(("blocks", "attn", "bv"), names["v"].replace(".weight", ".bias"), *_bias("nkv"))]
+  if not tied:
+    rules.append(Rule(("head",), names["head"], _t, _t))
+  return rules
+
+
+_LLADA = {"embed": "model.transformer.wte.weight",
+          "attn_norm": "model.transformer.blocks.{i}.attn_norm.weight",
+          "q": "model.transformer.blocks.{i}.q_proj.weight",
+          "k": "model.transformer.blocks.{i}.k_proj.weight",
+          "v": "model.transformer.blocks.{i}.v_proj.weight",
+          "o": "model.transformer.blocks.{i}.attn_out.weight",
+          "mlp_norm": "model.transformer.blocks.{i}.ff_norm.weight",
+          "gate": "model.transformer.blocks.{i}.ff_proj.weight",
+          "up": "model.transformer.blocks.{i}.up_proj.weight",
+          "down": "model.transformer.blocks.{i}.ff_out.weight",
+          "final_norm": "model.transformer.ln_f.weight",
+          "head": "model.transformer.ff_out.weight"}
+
+_DREAM = {"embed": "model.embed_tokens.weight",
+          "attn_norm": "model.layers.{i}.input_layernorm.weight",
+          "q": "model.layers.{i}.self_attn.q_proj.weight",
+          "k": "model.layers.{i}.self_attn.k_proj.weight",
+          "v": "model.layers.{i}.self_attn.v_proj.weight",
+          "o": "model.layers.{i}.self_attn.o_proj.weight",
+          "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+          "gate": "model.layers.{i}.mlp.gate_proj.weight",
+          "up": "model.layers.{i}.mlp.up_proj.weight",
+          "down": "model.layers.{i}.mlp.down_proj.weight",
+          "final_norm": "model.norm.weight",
+          "head": "lm_head.weight"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  model_types: tuple[str, ...]
+  names: dict[str, str]
+  # config.json key -> our field, per family
+  keys: dict[str, str]
+  defaults: dict[str, Any]
+  fixed: dict[str, Any]  # our model options this family always has
+
+  def model_fields(self, hf: dict[str, Any], path: str) -> dict[str, Any]:
+    """Our config.model (plus "vocab_size") from the family's config.json."""
+    missing = [k for k in self.keys if k not in hf and k not in self.defaults]
+    if missing:
+      raise UserError(f"{path} lacks {missing} for a {self.name} model; use the config.json"
+                      " that came with the weights")
+    get = lambda k: hf[k] if hf.get(k) is not None else self.defaults[k]
+    out = {ours: get(k) for k, ours in self.keys.items()}
+    out.update(self.fixed)
+    if self.name == "llada":
+      out["qkv_bias"] = bool(hf.get("include_qkv_bias") or hf.get("include_bias"))
+      out["tie_embeddings"] = bool(hf.get("weight_tying", False))
+      if hf.get("block_type", "llama") != "llama" or hf.get("activation_type", "silu") != "silu":
+        raise UserError(f"{path}: only LLaDA's llama/silu blocks are supported, got block_type="
+                        f"{hf.get('block_type')!r}, activation_type={hf.get('activation_type')!r}")
+    else:
+      out["tie_embeddings"] = bool(hf.get("tie_word_embeddings", False))
+    out["num_kv_heads"] = out.get("num_kv_heads") or out["num_heads"]
+    out["head_dim"] = out["d_model"] // out["num_heads"]
+    return out
+
+  def rules(self, model: dict[str, Any]) -> list[Rule]:
+    return _rules(self.names, bool(model.get("qkv_bias")), bool(model.get("tie_embeddings")))
+
+  def special_ids(self, hf: dict[str, Any]) -> dict[str, int | None]:
+    ids = {k: hf.get(f"{k}_token_id") for k in ("mask", "eos", "pad", "bos")}
+    if ids["mask"] is None:
+      ids["mask"] = self.defaults.get("mask_token_id")
+    return ids
+
+
+LLADA = Family(
+    name="llada", model_types=("llada",), names=_LLADA,
+    keys={"embedding_size": "vocab_size", "d_model": "d_model", "n_layers": "num_layers",
+          "n_heads": "num_heads", "n_kv_heads": "num_kv_heads", "mlp_hidden_size": "mlp_dim",
+          "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps"},
+    defaults={"n_kv_heads": None, "rope_theta": 10_000.0, "rms_norm_eps": 1e-5,
+              "embedding_size": None, "mask_token_id": 126336},
+    fixed={"shift_logits": False, "pad_positions": "index"})
+
+DREAM = Family(
+    name="dream", model_types=("dream",), names=_DREAM,
+    keys={"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "num_layers",
+          "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
+          "intermediate_size": "mlp_dim", "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps"},
+    defaults={"num_key_value_heads": None, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6,
+              "mask_token_id": 151666},
+    fixed={"qkv_bias": True, "shift_logits": True, "pad_positions": "cumsum"})
+
+FAMILIES = {f.name: f for f in (LLADA, DREAM)}
+
+
+def family_of(hf: dict[str, Any], path: str, expected: str | None = None) -> Family:
+  """The family of a config.json by its ``model_type`` (checked against ``--from`` if given)."""
+  model_type = str(hf.get("model_type", "")).lower()
+  found = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+  if found is None:
+    raise UserError(f"{path} has model_type={hf.get('model_type')!r}; dlm converts"
+                    f" {sorted(FAMILIES)} (model_type 'llada' or 'Dream')")
+  if expected is not None and expected != found.name:
+    raise UserError(f"--from={expected} but {path} holds a {found.name} model; use --from={found.name}")
+  return found
+
+
+def with_embedding_size(hf: dict[str, Any]) -> dict[str, Any]:
+  """LLaDA's embedding rows (``embedding_size``, padded) default to ``vocab_size``."""
+  hf = dict(hf)
+  if str(hf.get("model_type", "")).lower() == "llada" and not hf.get("embedding_size"):
+    hf["embedding_size"] = hf.get("vocab_size")
+  return hf
+
+
+def sizes(model: dict[str, Any]) -> dict[str, int]:
+  return {"d": model["d_model"], "nh": model["num_heads"], "nkv": model["num_kv_heads"],
+          "hd": model["head_dim"]}

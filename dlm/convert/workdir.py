@@ -1,0 +1,107 @@
+"""`dlm convert` / `dlm export`: a Hugging Face folder <-> a dlm workdir (config + orbax params)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dlm.convert import hf
+from dlm.errors import UserError
+from dlm.models import transformer
+from dlm.train import checkpoint
+
+HF_CONFIG = "hf_config.json"  # the imported config.json, kept for export
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def dlm_config(family: str, model: dict[str, Any], hf_cfg: dict[str, Any],
+               ids: dict[str, Any], src: str, param_dtype: str) -> dict[str, Any]:
+  """The workdir config.json of an imported model: our model fields, a masked process, ids."""
+  fields = {f.name: f.default for f in dataclasses.fields(transformer.ModelConfig)
+            if f.default is not dataclasses.MISSING}
+  fields.update({k: v for k, v in model.items() if k in fields or k == "vocab_size"})
+  seq_len = int(hf_cfg.get("max_sequence_length") or hf_cfg.get("max_position_embeddings") or 4096)
+  return {
+      "seed": 0,
+      "model": fields,
+      "process": {"name": "masked", "schedule": {"name": "linear", "eps": 1e-4}},
+      "data": {"source": "hf", "vocab_size": int(model["vocab_size"]), "seq_len": seq_len},
+      "sample": {"sampler": "ancestral", "steps": 128, "num_samples": 1, "length": 128,
+                 "temperature": 1.0, "top_p": 1.0, "seed": 0},
+      "eval": {"batch_size": 8, "num_passes": 1, "max_rows": 0, "seed": 1234},
+      "hf": {"family": family, "ids": ids, "source": src, "param_dtype": param_dtype},
+  }
+
+
+def convert(src: str | os.PathLike, workdir: str | os.PathLike,
+            expected: str | None = None) -> pathlib.Path:
+  """Imports ``src`` into a new workdir: config.json, tokenizer files, checkpoints/0 (params)."""
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and any(workdir.iterdir()):
+    raise UserError(f"--workdir={workdir} is not empty; convert into a new folder")
+  fam, _, _ = hf.describe(src, expected)  # config errors before any reading
+  with tqdm(total=hf.num_tensors(src, expected), desc="convert", unit="tensor") as bar:
+    fam, model, hf_cfg, params = hf.load_params(src, expected, progress=bar.update)
+  dtype = str(np.dtype(params["embed"].dtype))
+  _to_device_in_place(params)  # orbax copies host numpy trees whole; device arrays it streams
+  config = dlm_config(fam.name, model, hf_cfg, fam.special_ids(hf_cfg), str(src), dtype)
+  workdir.mkdir(parents=True, exist_ok=True)
+  for name in TOKENIZER_FILES:
+    if (pathlib.Path(src) / name).is_file():
+      shutil.copyfile(pathlib.Path(src) / name, workdir / name)
+  (workdir / HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+  mngr = checkpoint.manager(workdir, max_to_keep=1, keep_best=False, save_concurrent_gb=1)
+  ok = checkpoint.save(mngr, 0, {"params": params}, {}, {"config": config, "source": str(src)})
+  if not (ok and checkpoint.wait(mngr)):
+    raise UserError(f"could not write the checkpoint into {workdir}; check the disk and retry")
+  mngr.close()
+  checkpoint.write_config(workdir, config)  # last: a workdir with config.json is complete
+  return workdir
+
+
+def export(workdir: str | os.PathLike, out: str | os.PathLike, *,
+           max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+  """Writes the newest parameters of a workdir as a Hugging Face folder (safetensors + config)."""
+  from dlm import api
+  m = api.from_pretrained(workdir, dtype=None)
+  cfg = m.config
+  family = cfg.get("hf", {}).get("family", "llada")
+  if m.model_cfg.time_conditioning:
+    raise UserError("a time-conditioned model (model.time_conditioning=True) has no LLaDA/Dream"
+                    " equivalent; export a model trained without it")
+  model = dataclasses.asdict(m.model_cfg)
+  model["num_kv_heads"] = model["num_kv_heads"] or model["num_heads"]
+  model["head_dim"] = m.model_cfg.hd
+  model["mlp_dim"] = m.model_cfg.mlp
+  base_path = pathlib.Path(workdir) / HF_CONFIG
+  base = json.loads(base_path.read_text()) if base_path.exists() else None
+  hf_cfg = hf.hf_config_for(model, family, m.ids, base)
+  params = {k: v for k, v in _numpy(m.params).items()}
+  out = hf.export_params(params, model, family, hf_cfg, out, max_shard_bytes=max_shard_bytes)
+  for name in TOKENIZER_FILES:
+    if (pathlib.Path(workdir) / name).is_file():
+      shutil.copyfile(pathlib.Path(workdir) / name, out / name)
+  return out
+
+
+def _to_device_in_place(tree: dict[str, Any]) -> None:
+  """numpy leaves -> jax arrays one at a time, dropping each numpy copy as it goes."""
+  import jax
+  for key in list(tree):
+    if isinstance(tree[key], dict):
+      _to_device_in_place(tree[key])
+    else:
+      tree[key] = jax.device_put(tree[key])
+
+
+def _numpy(tree: Any) -> Any:
+  import jax
+  return jax.tree.map(np.asarray, tree)
