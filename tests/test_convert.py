@@ -165,6 +165,7 @@ def test_sample_hf_folder_directly(tmp_path, family):
   assert r.returncode == 0, r.stderr
   body = r.stdout.split("=====\n", 1)[1]
   assert body.startswith("w1 w4 w5 w2 w3")  # the chat-formatted prompt, then generated words
-  out = dlm.from_pretrained(d).generate(np.array([[4, 5, 6]]), steps=4, gen_length=8)
+  out = dlm.from_pretrained(d).generate(np.array([[4, 5, 6]]), sampler="ancestral", steps=4,
+                                        gen_length=8)
   assert out.sequences.shape == (1, 11) and out.nfe <= 4
   assert (out.sequences[0, :3] == [4, 5, 6]).all() and 250 not in out.sequences

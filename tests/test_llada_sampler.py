@@ -46,3 +46,28 @@ def test_bad_knobs_are_one_line_errors():
     with pytest.raises(UserError, match=needle):
       llada.check_knobs(kw["steps"], kw["gen_length"], kw["block_length"],
                         kw.get("remasking", "low_confidence"))
+
+
+@pytest.mark.parametrize("sampler,knobs", [
+    ("llada", dict(steps=8, gen_length=16, block_length=8)),
+    ("dream", dict(steps=8, max_new_tokens=16, alg="entropy")),
+])
+def test_mixed_length_batch_equals_one_prompt_at_a_time(sampler, knobs):
+  family = "llada" if sampler == "llada" else "dream"
+  m = dlm.from_pretrained(FIXTURE.parent / f"{family}-tiny")
+  a, b = [11, 12, 13, 14, 15, 16], [21, 22, 23]
+  pad = m.ids["pad"]
+  batch = np.array([a, [pad] * 3 + b])
+  mask = np.array([[1] * 6, [0] * 3 + [1] * 3])
+  out = m.generate(batch, mask, sampler=sampler, **knobs)
+  one_a = m.generate(np.array([a]), sampler=sampler, **knobs)
+  one_b = m.generate(np.array([b]), sampler=sampler, **knobs)
+  np.testing.assert_array_equal(out.sequences[0], one_a.sequences[0])
+  np.testing.assert_array_equal(out.sequences[1, 3:], one_b.sequences[0])
+  assert out.nfe == one_a.nfe == knobs["steps"]
+
+
+def test_unknown_sampler_name():
+  m = dlm.from_pretrained(FIXTURE)
+  with pytest.raises(UserError, match="sampler 'magic' unknown"):
+    m.generate(np.array([[5, 6]]), sampler="magic")

@@ -79,7 +79,14 @@ class Attention(nnx.Module):
     self.bk = param(rngs, zeros, (kv, head_dim), ("heads", "kv")) if qkv_bias else None
     self.bv = param(rngs, zeros, (kv, head_dim), ("heads", "kv")) if qkv_bias else None
 
-  def __call__(self, x: Array, positions: Array, mask: Array | None) -> Array:
+  def __call__(self, x: Array, positions: Array, mask: Array | None,
+               kv: tuple[Array, Array, Array] | None = None) -> tuple[Array, Array, Array]:
+    """-> (output [B, W, D], this call's pre-RoPE keys, values [B, W, kv, H]).
+
+    ``kv = (k_all, v_all, start)``: cached pre-RoPE keys/values of all L
+    positions; x is the window [start, start + W), whose fresh keys replace
+    the cached ones, and whose queries attend to all L keys (see cache.py).
+    """
     dt = self.dtype
 
     def project(w: nnx.Param, b: nnx.Param | None) -> Array:
@@ -88,11 +95,19 @@ class Attention(nnx.Module):
 
     q, k, v = project(self.wq, self.bq), project(self.wk, self.bk), project(self.wv, self.bv)
     q, k, v = (constrain(a, ("batch", "length", "heads", "kv")) for a in (q, k, v))
+    k_new, v_new = k, v
+    key_positions = positions
+    if kv is not None:
+      k_all, v_all, start = kv
+      k = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), start, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), start, axis=1)
+      key_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32),
+                                       (k.shape[0], k.shape[1]))
     q = rope(q, positions, self.rope_theta)
-    k = rope(k, positions, self.rope_theta)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, L, N, H], scale 1/sqrt(H)
+    k = rope(k.astype(dt), key_positions, self.rope_theta)
+    out = jax.nn.dot_product_attention(q, k, v.astype(dt), mask=mask)  # scale 1/sqrt(H)
     out = constrain(out, ("batch", "length", "heads", "kv"))
-    return jnp.einsum("blnh,nhd->bld", out, self.wo[...].astype(dt))
+    return jnp.einsum("blnh,nhd->bld", out, self.wo[...].astype(dt)), k_new, v_new
 
 
 class SwiGLU(nnx.Module):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dlm.models import cache as cache_lib
 from dlm.models import layers
 from dlm.parallel import constrain
 
@@ -101,15 +102,19 @@ class Block(nnx.Module):
     self.ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 6, rngs=rngs)
                 if cfg.time_conditioning else None)
 
-  def __call__(self, x: Array, positions: Array, mask: Array | None, c: Array | None) -> Array:
+  def __call__(self, x: Array, positions: Array, mask: Array | None, c: Array | None,
+               kv: tuple[Array, Array, Array] | None = None) -> tuple[Array, Array, Array]:
+    """-> (x, this layer's pre-RoPE keys, values for x's positions)."""
     if self.ada is not None:
       s1, sc1, g1, s2, sc2, g2 = self.ada(c)
-      x = x + g1.astype(x.dtype) * self.attn(layers.modulate(self.attn_norm(x), s1, sc1), positions, mask)
+      a, k, v = self.attn(layers.modulate(self.attn_norm(x), s1, sc1), positions, mask, kv)
+      x = x + g1.astype(x.dtype) * a
       x = x + g2.astype(x.dtype) * self.mlp(layers.modulate(self.mlp_norm(x), s2, sc2))
     else:
-      x = x + self.attn(self.attn_norm(x), positions, mask)
+      a, k, v = self.attn(self.attn_norm(x), positions, mask, kv)
+      x = x + a
       x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("batch", "length", "embed")), k, v
 
 
 class Transformer(nnx.Module):
@@ -136,14 +141,17 @@ class Transformer(nnx.Module):
 
   def __call__(self, x_t: Array, t: Array | None = None, *, segment_ids: Array | None = None,
                attention_mask: Array | None = None, positions: Array | None = None,
-               raw_logits: bool = False) -> Array:
+               raw_logits: bool = False, kv_cache: cache_lib.KVCache | None = None,
+               cache_start: Array | None = None, return_kv: bool = False) -> Any:
     """x_t: int [B, L]; t: float [B]; segment_ids / attention_mask: [B, L] -> logits f32 [B, L, V].
 
     Logits at position i are the denoiser's prediction of token i; with
     ``shift_logits`` that is the network's output i-1 (position 0 keeps its own),
     and ``raw_logits=True`` returns the unshifted output (what the public code returns).
     attention_mask (1 = real token) masks keys; left-padded rows get positions
-    per ``pad_positions``.
+    per ``pad_positions``.  KV cache (see cache.py): ``return_kv=True`` also
+    returns this pass's KVCache; with ``kv_cache`` and ``cache_start``, x_t is
+    the window of tokens at [cache_start, cache_start + W) of the cached sequence.
     """
     cfg = self.cfg
     chex.assert_rank(x_t, 2)
@@ -152,8 +160,11 @@ class Transformer(nnx.Module):
       real = attention_mask.astype(jnp.int32)
       positions = jnp.where(real > 0, jnp.cumsum(real, axis=-1) - 1, 1)
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+      offset = 0 if cache_start is None else cache_start
+      positions = jnp.broadcast_to(offset + jnp.arange(l, dtype=jnp.int32), (b, l))
     mask = _attention_mask(segment_ids, attention_mask)
+    if kv_cache is not None and mask is not None:
+      raise ValueError("a KV-cached window pass takes no attention_mask or segment_ids")
     x = jnp.take(self.embed[...], x_t, axis=0).astype(cfg.compute_dtype)  # [B, L, D]
     x = constrain(x, ("batch", "length", "embed"))
     c = None
@@ -163,13 +174,25 @@ class Transformer(nnx.Module):
       c = self.time_embed(jnp.broadcast_to(t, (b,)))
 
     def body(block: Block, h: Array) -> Array:
-      return block(h, positions, mask, c)
+      return block(h, positions, mask, c)[0]
 
-    if cfg.remat != "none":
-      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
-                else None)
-      body = nnx.remat(body, policy=policy)
-    x = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, x)
+    if kv_cache is not None or return_kv:
+      def body_kv(block: Block, h: Array, layer_kv: Any) -> tuple[Array, tuple[Array, Array]]:
+        kv = None if layer_kv is None else (layer_kv[0], layer_kv[1], cache_start)
+        h, k, v = block(h, positions, mask, c, kv)
+        return h, (k, v)
+
+      xs = None if kv_cache is None else (kv_cache.k, kv_cache.v)
+      x, (ks, vs) = nnx.scan(body_kv, in_axes=(0, nnx.Carry, 0),
+                             out_axes=(nnx.Carry, 0))(self.blocks, x, xs)
+      new_cache = cache_lib.KVCache(k=ks, v=vs)
+    else:
+      if cfg.remat != "none":
+        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
+                  else None)
+        body = nnx.remat(body, policy=policy)
+      x = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, x)
+      new_cache = None
 
     h = self.final_norm(x)
     if self.final_ada is not None:
@@ -183,7 +206,7 @@ class Transformer(nnx.Module):
       logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     chex.assert_shape(logits, (b, l, cfg.vocab_size))
-    return logits
+    return (logits, new_cache) if return_kv else logits
 
 
 def _attention_mask(segment_ids: Array | None, attention_mask: Array | None) -> Array | None:

@@ -1,0 +1,26 @@
+"""Key/value cache of the denoiser, for samplers that re-run only part of the sequence.
+
+A cache holds every layer's keys and values *before RoPE* (as Fast-dLLM caches
+them), stacked on the layer axis: k, v [layers, B, L, kv_heads, head_dim].  A
+full forward with ``return_kv=True`` fills it.  A forward over a window of W
+tokens at positions [start, start + W) (``kv_cache=cache, cache_start=start``)
+computes fresh keys/values for the window only, writes them over the cached
+ones there, and attends from the window's queries (at their absolute RoPE
+positions) to all L positions: Fast-dLLM's dual cache.  Keys outside the
+window keep the values of the pass that filled the cache.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class KVCache:
+  k: jax.Array  # [layers, B, L, kv_heads, head_dim], pre-RoPE
+  v: jax.Array
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
