@@ -44,6 +44,18 @@ def _define_sample_flags() -> None:
   flags.DEFINE_string("workdir", None, "A trained run's directory.")
   flags.DEFINE_string("hf", None, "Sample a Hugging Face LLaDA/Dream folder directly.")
   flags.DEFINE_bool("chat", False, "Wrap --prompt in the model's chat template (instruct models).")
+  flags.DEFINE_enum("sampler", None, ["ancestral", "llada", "dream", "fast_dllm"],
+                    "Sampling strategy (default: config.sample.sampler).")
+  flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate after --prompt (llada, dream,"
+                       " fast_dllm; default: fill --length).")
+  flags.DEFINE_integer("block_length", None, "Semi-autoregressive block (llada, fast_dllm).")
+  flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance (llada).")
+  flags.DEFINE_enum("remasking", "low_confidence", ["low_confidence", "random"], "llada.")
+  flags.DEFINE_enum("alg", "entropy", ["origin", "maskgit_plus", "topk_margin", "entropy"], "dream.")
+  flags.DEFINE_integer("top_k", None, "dream: keep the k largest logits.")
+  flags.DEFINE_float("threshold", None, "fast_dllm: commit every candidate this confident.")
+  flags.DEFINE_enum("use_cache", "dual", ["none", "prefix", "dual"], "fast_dllm KV cache.")
+  flags.DEFINE_string("trajectory", None, "Write the denoising of sample 0 to FILE.html or .png.")
   flags.DEFINE_string("prompt", None, "Fixed prefix; the rest of the row is generated.")
   flags.DEFINE_string("infill", None, "Template with <gap> or <gap:N> markers to fill.")
   flags.DEFINE_integer("num_samples", None, "Number of samples (default: config.sample).")
@@ -108,6 +120,11 @@ def cmd_sample() -> None:
   top_p = sc.top_p if f.top_p is None else f.top_p
   if temperature < 0 or not 0 < top_p <= 1:
     raise _usage(f"need --temperature >= 0 and 0 < --top_p <= 1, got {temperature}, {top_p}")
+  sampler = f.sampler or sc.sampler
+  if sampler != "ancestral":
+    return _sample_with(sampler, run, prompt, length, float(temperature), float(top_p))
+  if f.trajectory:
+    raise _usage("--trajectory needs --sampler=llada|dream|fast_dllm")
   given, fixed = generate.build_template(run.tokenizer, length=length, prompt=prompt,
                                          infill=f.infill, gap_length=f.gap_length)
   tokens, nfe = generate.sample_tokens(
@@ -118,6 +135,54 @@ def cmd_sample() -> None:
   for i, text in enumerate(generate.decode_samples(run.tokenizer, tokens)):
     print(f"===== sample {i} (step {run.step}, nfe {nfe}) =====")
     print(text)
+
+
+def _sample_with(sampler: str, run, prompt: str | None, length: int, temperature: float,
+                 top_p: float) -> None:
+  """`dlm sample --sampler=llada|dream|fast_dllm`: prompt + generation, stop at EOS, trimmed."""
+  import numpy as np
+  from dlm import api
+  from dlm.sample import generate, trajectory
+  f = flags.FLAGS
+  if f.infill:
+    raise _usage("--infill needs --sampler=ancestral; llada, dream and fast_dllm continue a --prompt")
+  tok = run.tokenizer
+  ids = tok.encode(prompt or "")
+  if not ids:
+    ids = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+  new = f.max_new_tokens or (length - len(ids))
+  if new < 1:
+    raise _usage(f"--prompt is {len(ids)} tokens, no room in --length={length}; raise --length")
+  ids_map = {"mask": tok.mask_id, "eos": tok.eos_id, "pad": tok.pad_id, "bos": tok.bos_id}
+  model = api.DiffusionLM(config=run.config, model_cfg=run.model_cfg, params=run.params,
+                          ids=ids_map, tokenizer=tok, apply=run.apply)
+  steps = f.steps or int(run.config.sample.steps)
+  block = f.block_length or new
+  knobs = {
+      "llada": dict(steps=steps, gen_length=new, block_length=block, temperature=temperature,
+                    cfg_scale=f.cfg_scale, remasking=f.remasking),
+      "dream": dict(steps=steps, max_new_tokens=new, alg=f.alg, temperature=temperature,
+                    top_p=top_p if top_p < 1 else None, top_k=f.top_k),
+      "fast_dllm": dict(steps=steps, gen_length=new, block_length=block, threshold=f.threshold,
+                        use_cache=f.use_cache),
+  }[sampler]
+  from dlm.sample import dream, fast_dllm, llada
+  prompt_ids = np.array([ids] * (f.num_samples or int(run.config.sample.num_samples)), np.int32)
+  seed = run.config.sample.seed if f.seed is None else f.seed
+  if sampler == "llada":
+    st = llada.run(model, prompt_ids, seed=seed, **knobs)
+  elif sampler == "dream":
+    st = dream.run(model, prompt_ids, seed=seed, **knobs)
+  else:
+    st = fast_dllm.run(model, prompt_ids, **knobs)
+  nfe = int(st.nfe) if hasattr(st, "nfe") else int(st.step)
+  tokens = np.asarray(st.x)
+  for i, text in enumerate(generate.decode_samples(tok, tokens)):
+    print(f"===== sample {i} ({sampler}, nfe {nfe}) =====")
+    print(text)
+  if f.trajectory:
+    at = np.asarray(st.committed_at)[0]
+    print(trajectory.write(f.trajectory, tok, tokens[0], at, nfe))
 
 
 def cmd_eval() -> None:

@@ -113,3 +113,22 @@ def test_from_pretrained_and_export_of_a_trained_run(trained, tmp_path):
   out = convert_workdir.export(trained, tmp_path / "hf")  # a LLaDA-format folder
   again = dlm.from_pretrained(out)
   np.testing.assert_array_equal(again.logits(ids), logits)
+
+
+@pytest.mark.parametrize("sampler", ["llada", "dream", "fast_dllm"])
+def test_sample_with_each_sampler_and_trajectory(trained, tmp_path, sampler):
+  traj = tmp_path / ("t.png" if sampler == "dream" else "t.html")
+  out = dlm("sample", f"--workdir={trained}", f"--sampler={sampler}", "--prompt=import os\n",
+            "--steps=8", "--max_new_tokens=16", "--block_length=8", "--num_samples=2",
+            "--threshold=0.5", f"--trajectory={traj}").stdout
+  samples = out.split("===== sample ")[1:]
+  assert len(samples) == 2 and all(f"({sampler}, nfe " in s for s in samples)
+  assert all(s.split("\n", 1)[1].startswith("import os\n") for s in samples)
+  assert traj.exists() and traj.stat().st_size > 200
+  if traj.suffix == ".html":
+    assert traj.read_text().count("<div><b>") == int(samples[0].split("nfe ")[1].split(")")[0])
+  bad = ["--max_new_tokens=10", "--block_length=4"] if sampler != "dream" else ["--top_p=2"]
+  r = dlm("sample", f"--workdir={trained}", f"--sampler={sampler}", "--prompt=x", "--steps=4",
+          *bad, check=False)
+  assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert ("does not divide" if sampler != "dream" else "top_p") in r.stderr

@@ -62,11 +62,12 @@ def _commit(x: Array, logits: Array, start: int, end: int, i: Array, quota: Arra
 
 
 def generate(model: Any, prompt: Array, *, mask_id: int, steps: int, gen_length: int,
-             block_length: int, threshold: float | None = None,
+             block_length: int | None = None, threshold: float | None = None,
              use_cache: str = "none") -> FastState:
   """Fast-dLLM ``generate`` / ``generate_with_prefix_cache`` / ``generate_with_dual_cache``."""
   if use_cache not in CACHES:
     raise UserError(f"use_cache={use_cache!r} unknown; use one of {list(CACHES)}")
+  block_length = block_length or gen_length
   blocks = llada.check_knobs(steps, gen_length, block_length, "low_confidence")
   per_block = steps // blocks
   if threshold is None and use_cache != "none" and per_block < 2:

@@ -53,12 +53,13 @@ def check_knobs(steps: int, gen_length: int, block_length: int, remasking: str) 
 
 
 def generate(logits_fn: Logits, prompt: Array, attention_mask: Array | None, rng: Array, *,
-             mask_id: int, steps: int, gen_length: int, block_length: int,
+             mask_id: int, steps: int, gen_length: int, block_length: int | None = None,
              temperature: float = 0.0, cfg_scale: float = 0.0,
              remasking: str = "low_confidence", eos_id: int | None = None,
              eot_id: int | None = None, logits_eos_inf: bool = False,
              confidence_eos_eot_inf: bool = False) -> LLaDAState:
   """LLaDA ``generate``: the final state (``x`` holds prompt + generation); call under jit."""
+  block_length = block_length or gen_length
   blocks = check_knobs(steps, gen_length, block_length, remasking)
   per_block = steps // blocks
   chex.assert_rank(prompt, 2)
