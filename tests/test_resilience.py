@@ -99,9 +99,13 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(baseline, tmp_path
   workdir = seeded(tmp_path / "killed", baseline)
   rnd = random.Random(1234)
   killed_at = []
-  for _ in range(3):
+  for round_ in range(3):
     proc = start(workdir)
     wait_for_lines(proc, workdir, logged_lines(workdir) + 1)  # compiled and stepping
+    t0 = time.time()
+    while round_ == 0 and not any(c.name.isdigit() for c in (workdir / "checkpoints").glob("*")):
+      assert time.time() - t0 < 60 and proc.poll() is None  # the first run leaves a checkpoint
+      time.sleep(0.02)
     time.sleep(rnd.uniform(0.0, 0.4))
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.kill()
