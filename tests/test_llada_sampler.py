@@ -71,3 +71,11 @@ def test_unknown_sampler_name():
   m = dlm.from_pretrained(FIXTURE)
   with pytest.raises(UserError, match="sampler 'magic' unknown"):
     m.generate(np.array([[5, 6]]), sampler="magic")
+
+
+def test_descending_rank_is_a_stable_descending_sort():
+  rng = np.random.default_rng(0)
+  conf = rng.integers(0, 5, (3, 40)).astype(np.float32)  # many ties
+  conf[0, :7] = -np.inf
+  want = np.argsort(np.argsort(-conf, axis=1, kind="stable"), axis=1)
+  np.testing.assert_array_equal(np.asarray(llada.descending_rank(conf)), want)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm.errors import UserError
+from dlm.sample import llada
 
 Array = jax.Array
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -101,8 +102,7 @@ def generate(logits_fn: Callable[[Array, Array | None], Array], prompt: Array,
       conf = jnp.where(masked, conf, -jnp.inf)
       n = jnp.sum(masked).astype(jnp.float32) / b  # masked positions per row
       k = jnp.where(last, jnp.floor(n), jnp.floor(n * (1.0 - s / t))).astype(jnp.int32)
-      order = jnp.argsort(-conf, axis=1, stable=True)
-      rank = jnp.argsort(order, axis=1)
+      rank = llada.descending_rank(conf)
       transfer = masked & (rank < k)
     x = jnp.where(transfer, x0, state.x)
     committed = jnp.where(transfer, i, state.committed_at)

@@ -49,8 +49,7 @@ def _commit(x: Array, logits: Array, start: int, end: int, i: Array, quota: Arra
   x0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   conf = jnp.where(masked, jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0], -jnp.inf)
-  order = jnp.argsort(-conf, axis=1, stable=True)
-  rank = jnp.argsort(order, axis=1)
+  rank = llada.descending_rank(conf)
   if threshold is None:
     k = quota[jnp.minimum(i, quota.shape[0] - 1)]
     transfer = masked & (rank < k)

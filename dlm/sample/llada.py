@@ -52,6 +52,18 @@ def check_knobs(steps: int, gen_length: int, block_length: int, remasking: str) 
   return blocks
 
 
+def descending_rank(conf: Array) -> Array:
+  """rank[b, i] = #{j: conf[b, j] > conf[b, i]} + #{j < i: conf[b, j] == conf[b, i]}.
+
+  The position of i in a stable descending sort, by pairwise comparison: O(L^2)
+  but fused and branch-free, much faster on CPU than two sorts for L ~ 100s.
+  """
+  a, b = conf[:, None, :], conf[:, :, None]  # [B, i, j]: a = conf_j, b = conf_i
+  j_lt_i = jnp.arange(conf.shape[1])[None, :] < jnp.arange(conf.shape[1])[:, None]
+  before = (a > b) | ((a == b) & j_lt_i[None])
+  return jnp.sum(before, axis=-1).astype(jnp.int32)
+
+
 def generate(logits_fn: Logits, prompt: Array, attention_mask: Array | None, rng: Array, *,
              mask_id: int, steps: int, gen_length: int, block_length: int | None = None,
              temperature: float = 0.0, cfg_scale: float = 0.0,
@@ -115,8 +127,7 @@ def generate(logits_fn: Logits, prompt: Array, attention_mask: Array | None, rng
     _, _, end = block_bounds(state.step)
     masked = state.x == mask_id
     conf = jnp.where(masked & (pos < end), conf, -jnp.inf)
-    order = jnp.argsort(-conf, axis=1, stable=True)
-    rank = jnp.argsort(order, axis=1)
+    rank = descending_rank(conf)
     transfer = (rank < k[:, None]) & masked & (pos < end)
     x = jnp.where(transfer, x0.astype(jnp.int32), state.x)
     committed = jnp.where(transfer, state.step, state.committed_at)
