@@ -116,13 +116,13 @@ def generate(logits_fn: Callable[[Array, Array | None], Array], prompt: Array,
 def run(model: Any, prompt: Any, attention_mask: Any = None, *, seed: int = 0,
         **knobs: Any) -> DreamState:
   """``generate`` on a ``dlm.from_pretrained`` model (its aligned, shifted logits), jitted."""
-  apply, params = model.apply, model.params
-
-  def logits_fn(x: Array, am: Array | None) -> Array:
-    return apply(params, x, None, attention_mask=am)
-
+  apply = model.apply
   kw = dict(mask_id=model.ids["mask"])
   kw.update(knobs)
-  fn = jax.jit(lambda pr, am, rng: generate(logits_fn, pr, am, rng, **kw))
+
+  def fn(params: Any, pr: Array, am: Array | None, rng: Array) -> DreamState:
+    logits_fn = lambda x, a: apply(params, x, None, attention_mask=a)
+    return generate(logits_fn, pr, am, rng, **kw)
+
   am = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  return fn(jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))
+  return jax.jit(fn)(model.params, jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))

@@ -62,7 +62,7 @@ def _commit(x: Array, logits: Array, start: int, end: int, i: Array, quota: Arra
 
 def generate(model: Any, prompt: Array, *, mask_id: int, steps: int, gen_length: int,
              block_length: int | None = None, threshold: float | None = None,
-             use_cache: str = "none") -> FastState:
+             use_cache: str = "none", params: Any = None) -> FastState:
   """Fast-dLLM ``generate`` / ``generate_with_prefix_cache`` / ``generate_with_dual_cache``."""
   if use_cache not in CACHES:
     raise UserError(f"use_cache={use_cache!r} unknown; use one of {list(CACHES)}")
@@ -72,7 +72,7 @@ def generate(model: Any, prompt: Array, *, mask_id: int, steps: int, gen_length:
   if threshold is None and use_cache != "none" and per_block < 2:
     raise UserError(f"fixed-quota decoding with use_cache={use_cache!r} needs >= 2 steps per"
                     f" block, got {per_block}; raise steps or set threshold")
-  apply, params = model.apply, model.params
+  apply, params = model.apply, model.params if params is None else params
   b, p = prompt.shape
   x = jnp.concatenate([prompt.astype(jnp.int32), jnp.full((b, gen_length), mask_id, jnp.int32)], 1)
   state = FastState(x=x, committed_at=jnp.full(x.shape, -1, jnp.int32),
@@ -116,7 +116,8 @@ def run(model: Any, prompt: Any, **knobs: Any) -> FastState:
   """``generate`` on a ``dlm.from_pretrained`` model, jitted."""
   kw = dict(mask_id=model.ids["mask"])
   kw.update(knobs)
-  return jax.jit(lambda pr: generate(model, pr, **kw))(jnp.asarray(prompt, jnp.int32))
+  fn = jax.jit(lambda params, pr: generate(model, pr, params=params, **kw))
+  return fn(model.params, jnp.asarray(prompt, jnp.int32))
 
 
 def unmasked_per_nfe(state: FastState) -> list[list[int]]:

@@ -149,14 +149,15 @@ def unmasked_per_step(state: LLaDAState, steps: int) -> list[list[list[int]]]:
 def run(model: Any, prompt: Any, attention_mask: Any = None, *, seed: int = 0,
         **knobs: Any) -> LLaDAState:
   """``generate`` on a ``dlm.from_pretrained`` model (aligned logits), jitted."""
-  apply, params = model.apply, model.params
-
-  def logits_fn(x: Array, am: Array) -> Array:
-    return apply(params, x, None, attention_mask=am)
-
+  apply = model.apply
   ids = model.ids
   kw = dict(mask_id=ids["mask"], eos_id=ids.get("eos"), eot_id=ids.get("eot"))
   kw.update(knobs)
-  fn = jax.jit(lambda pr, am, rng: generate(logits_fn, pr, am, rng, **kw))
+
+  def fn(params: Any, pr: Array, am: Array | None, rng: Array) -> LLaDAState:
+    logits_fn = lambda x, a: apply(params, x, None, attention_mask=a)
+    return generate(logits_fn, pr, am, rng, **kw)
+
   am = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  return fn(jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))
+  # params are an argument, not a closure: no weight constants baked into the program
+  return jax.jit(fn)(model.params, jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))
