@@ -169,3 +169,12 @@ def test_sample_hf_folder_directly(tmp_path, family):
                                         gen_length=8)
   assert out.sequences.shape == (1, 11) and out.nfe <= 4
   assert (out.sequences[0, :3] == [4, 5, 6]).all() and 250 not in out.sequences
+
+
+def test_sharded_conversion_peak_memory_stays_near_the_checkpoint_size():
+  """benchmarks/convert_memory.py at 0.27 GB (5 shards): conversion peak < 1.3x the checkpoint."""
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convert_memory.py"),
+                         "--gib=0.25", "--shards=5"], capture_output=True, text=True, check=True)
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["shards"] == 5
+  assert result["peak_rss_over_size"] < 1.3, result

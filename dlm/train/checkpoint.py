@@ -27,6 +27,7 @@ import warnings
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
@@ -45,11 +46,14 @@ def _warn(msg: str) -> None:
 
 
 def manager(workdir: str | os.PathLike, *, max_to_keep: int = 3, keep_best: bool = True,
-            create: bool = True, save_concurrent_gb: int | None = None) -> ocp.CheckpointManager:
+            create: bool = True, host_arrays: bool = False) -> ocp.CheckpointManager:
   """Keeps the newest ``max_to_keep`` checkpoints and, with ``keep_best``, the lowest ``val_loss``.
 
-  ``save_concurrent_gb`` bounds the bytes in flight while writing (imports of
-  host-held weights use 1, so writing adds little to the weights themselves).
+  ``host_arrays``: the state is a tree of numpy arrays that nothing changes
+  while it is written (imported weights); they are written in place, a quarter
+  GB at a time, without the copy orbax otherwise makes first, so writing adds
+  little to the weights themselves.  Such a manager saves with
+  ``save(..., host_arrays=True)``; the files are the ones ``StandardRestore`` reads.
   """
   policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max(int(max_to_keep), 1))]
   if keep_best:  # checkpoints saved without a validation loss rank last
@@ -65,9 +69,12 @@ def manager(workdir: str | os.PathLike, *, max_to_keep: int = 3, keep_best: bool
       best_fn=lambda m: float(m.get("val_loss", float("inf"))), best_mode="min",
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   path = pathlib.Path(workdir).absolute() / CHECKPOINTS
-  if save_concurrent_gb is None:
+  if not host_arrays:
     return ocp.CheckpointManager(path, options=options, item_names=ITEMS)
-  handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+  handlers = {"state": ocp.PyTreeCheckpointHandler(save_concurrent_gb=0.25, use_ocdbt=False, use_compression=False,
+                                                   type_handler_registry=registry),
               "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
 
@@ -99,15 +106,17 @@ def wait(mngr: ocp.CheckpointManager) -> bool:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
-         meta: dict[str, Any], val_loss: float | None = None) -> bool:
+         meta: dict[str, Any], val_loss: float | None = None, *, host_arrays: bool = False) -> bool:
   """Starts an async save of ``step``; returns False (with a warning) if it could not start.
 
-  ``val_loss`` ranks the checkpoint for keeping the best one.
+  ``val_loss`` ranks the checkpoint for keeping the best one; ``host_arrays``: the
+  manager was made with ``host_arrays=True``.
   """
   wait(mngr)
   metrics = {} if val_loss is None else {"val_loss": float(val_loss)}
+  state_args = ocp.args.PyTreeSave(state) if host_arrays else ocp.args.StandardSave(state)
   try:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    mngr.save(step, args=ocp.args.Composite(state=state_args,
                                             data=ocp.args.JsonSave(data_state),
                                             meta=ocp.args.JsonSave(meta)),
               metrics=metrics, force=True)
