@@ -88,6 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.time_conditioning = False
   c.model.dtype = "float32"
   c.model.remat = "none"
+  c.model.attention = "xla"  # or "cudnn" (GPU), "splash" (TPU): dlm/models/attention.py
+  c.model.mask_kind = "bidirectional"  # or "causal", "block_causal" (with model.block_size)
+  c.model.block_size = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"

@@ -1,4 +1,4 @@
-"""The ``dlm`` command: ``dlm train | sample | eval | plot | convert | export | tokenizer``."""
+"""The ``dlm`` command: ``dlm train | sample | eval | plot | convert | export | tokenizer | compile``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "plot", "convert", "export", "tokenizer")
+COMMANDS = ("train", "sample", "eval", "plot", "convert", "export", "tokenizer", "compile")
 USAGE = f"usage: dlm {{{'|'.join(COMMANDS)}}} [--flags]; `dlm CMD --helpfull` lists a command's flags"
 
 
@@ -71,6 +71,15 @@ def _define_tokenizer_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Recipe whose config.data names the source.",
                                   lock_config=True)
   flags.DEFINE_string("out", None, "Where to write the sentencepiece model (never overwritten).")
+
+
+def _define_compile_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/llada_8b.py.",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU slice: v5p-128, v5e-256, v6e-16, v4-64, v5p:4x4x4 ...")
+  flags.DEFINE_enum("what", "train", ["train", "sample"], "Compile the train step or the sampler.")
+  flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilization assumed for the projected step time.")
+  flags.DEFINE_float("margin", 0.1, "HBM headroom required to report that the program fits.")
 
 
 def _define_eval_flags() -> None:
@@ -231,6 +240,17 @@ def _workdir() -> str:
   return flags.FLAGS.workdir
 
 
+def cmd_compile() -> None:
+  """`dlm compile --config=... --topology=NAME`: memory, FLOPs, collectives, projected speed."""
+  f = flags.FLAGS
+  if f.config is None or not f.topology:
+    raise _usage("dlm compile needs --config=RECIPE and --topology=NAME (e.g. v5p-128)")
+  from dlm.compile import report
+  r = report.compile_report(f.config, f.topology, what=f.what, mfu=f.mfu, margin=f.margin)
+  print(report.format_report(r))
+  print(json.dumps(r))
+
+
 def cmd_convert() -> None:
   from dlm.convert import workdir as convert_workdir
   f = flags.FLAGS
@@ -255,6 +275,7 @@ _COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "convert": (_define_convert_flags, cmd_convert),
     "export": (_define_export_flags, cmd_export),
     "tokenizer": (_define_tokenizer_flags, cmd_tokenizer),
+    "compile": (_define_compile_flags, cmd_compile),
 }
 
 
@@ -265,6 +286,8 @@ def run(argv: list[str] | None = None) -> None:
     print(USAGE, file=sys.stderr)
     sys.exit(2)
   cmd = argv[1]
+  if cmd == "compile":  # compiles for TPU devices described by libtpu; this host's chips unused
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
   define, body = _COMMANDS[cmd]
   define()
   for arg in argv[2:]:

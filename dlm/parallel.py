@@ -104,6 +104,11 @@ def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def active_mesh() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the enclosing ``use_mesh``, or None."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside ``use_mesh``."""
   active = _ACTIVE.get()

@@ -5,8 +5,8 @@
 #       dlm train --config=configs/quickstart.py --workdir=/mnt/shared/run1 \
 #       --config.mesh.data=-1 --config.mesh.fsdp=4
 #
-# --setup copies this checkout to ~/dlm on every worker and installs it with JAX's TPU
-# wheel first.  The command runs on all workers at once (gcloud --worker=all) with
+# --setup copies this checkout to ~/dlm on every worker and installs it with the `tpu`
+# extra (JAX's TPU runtime, libtpu).  The command runs on all workers at once (gcloud --worker=all) with
 # --distributed appended to `dlm train`: JAX then finds the pod's coordinator and every
 # host's id by itself.  The workdir must be storage every host sees (a Filestore/NFS or
 # gcsfuse mount): all processes write one orbax checkpoint there.
@@ -37,7 +37,7 @@ if [ "$setup" = 1 ]; then
   here=$(cd "$(dirname "$0")/.." && pwd)
   run gcloud compute tpus tpu-vm scp --recurse "$here" "$tpu":~/dlm "${where[@]}"
   run gcloud compute tpus tpu-vm ssh "$tpu" "${where[@]}" --command \
-    "cd ~/dlm && python3 -m venv .venv && . .venv/bin/activate && pip install -q 'jax[tpu]' && pip install -q -e ."
+    "cd ~/dlm && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
 fi
 printf -v remote '%q ' "${cmd[@]}"
 run gcloud compute tpus tpu-vm ssh "$tpu" "${where[@]}" --command \

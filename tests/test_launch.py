@@ -17,7 +17,7 @@ def test_tpu_pod_runs_on_all_workers_with_distributed():
       env=dict(os.environ, DRY_RUN="1"), capture_output=True, text=True, check=True).stdout
   lines = out.strip().splitlines()
   assert len(lines) == 3 and all("--worker=all" in l for l in lines)
-  assert "tpu-vm scp" in lines[0] and "jax\\[tpu\\]" in lines[1]
+  assert "tpu-vm scp" in lines[0] and ".\\[tpu\\]" in lines[1]  # installs the tpu extra
   assert "dlm\\ train" in lines[2] and "--config.mesh.fsdp=4\\ --distributed" in lines[2]
   bad = subprocess.run([str(ROOT / "launch" / "tpu_pod.sh"), "--zone=z", "--", "dlm", "train"],
                        capture_output=True, text=True)

@@ -54,6 +54,14 @@ def _tokenizer(data_cfg: Any, workdir: pathlib.Path, docs: Any, seed: int) -> to
                                            model_type=data_cfg.get("tokenizer_type", "bpe"))
 
 
+def batch_keys(data_cfg: Any) -> tuple[str, ...]:
+  """The arrays of each training batch (all [B, L]) for this data config."""
+  if data_cfg.source in IN_MEMORY_SOURCES:
+    return ("tokens",)
+  segments = bool(data_cfg.get("segment_ids", True))
+  return ("tokens", "loss_mask") + (("segment_ids", "positions") if segments else ())
+
+
 def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: int, seed: int,
                      process_index: int = 0, process_count: int = 1,
                      max_val_rows: int = 0) -> TrainInput:
@@ -64,7 +72,7 @@ def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: i
     it = pipeline.train_iterator(data.train_rows, batch_size=batch_size, seed=seed,
                                  process_index=process_index, process_count=process_count)
     meta = dict(data.meta, train_rows=len(data.train_rows))
-    return TrainInput(data.tokenizer, it, data.val_rows, meta, ("tokens",))
+    return TrainInput(data.tokenizer, it, data.val_rows, meta, batch_keys(data_cfg))
 
   from dlm.data import packing, sources
   train_docs = sources.make_source(data_cfg, "train")
@@ -79,9 +87,8 @@ def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: i
       process_index=process_index, process_count=process_count,
       worker_count=int(data_cfg.get("worker_count", 0)))
   rows = _streamed_val_rows(data_cfg, val_docs, tok, max_val_rows)
-  keys = ("tokens", "loss_mask") + (("segment_ids", "positions") if segments else ())
   meta = {"source": data_cfg.source, "val_rows": len(rows), "streaming": True}
-  return TrainInput(tok, it, rows, meta, keys)
+  return TrainInput(tok, it, rows, meta, batch_keys(data_cfg))
 
 
 def _streamed_val_rows(data_cfg: Any, val_docs: Any, tok: tokenizer_lib.Tokenizer,

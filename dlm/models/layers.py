@@ -1,4 +1,4 @@
-"""Transformer building blocks: RMSNorm, RoPE, attention, SwiGLU, adaLN time conditioning.
+"""Transformer building blocks: RMSNorm, RoPE, attention layer, SwiGLU, adaLN time conditioning.
 
 Every parameter carries logical axis names (``nnx.with_partitioning``) and
 every activation is constrained by name through ``dlm.parallel.constrain``.
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dlm.models import attention
 from dlm.parallel import constrain
 
 Array = jax.Array
@@ -57,17 +58,20 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 
 class Attention(nnx.Module):
-  """Multi-head (or grouped-query) attention with RoPE through ``jax.nn.dot_product_attention``.
+  """Multi-head (or grouped-query) attention with RoPE; the kernel is ``attention.attend``.
 
   With ``num_kv_heads < num_heads`` query head h reads kv head h // (num_heads / num_kv_heads)
-  (GQA, Ainslie et al. 2023); ``qkv_bias`` adds q/k/v biases (Qwen2 / Dream).
+  (GQA, Ainslie et al. 2023); ``qkv_bias`` adds q/k/v biases (Qwen2 / Dream);
+  ``backend`` / ``mask_kind`` / ``block_size`` pick the kernel and the mask (attention.py).
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rope_theta: float,
                dtype: jnp.dtype, rngs: nnx.Rngs, num_kv_heads: int | None = None,
-               qkv_bias: bool = False):
+               qkv_bias: bool = False, backend: str = "xla", mask_kind: str = "bidirectional",
+               block_size: int = 0):
     kv = num_kv_heads or num_heads
     self.num_heads, self.head_dim, self.rope_theta, self.dtype = num_heads, head_dim, rope_theta, dtype
+    self.backend, self.mask_kind, self.block_size = backend, mask_kind, block_size
     init = _fan_in_init(d_model)
     self.wq = param(rngs, init, (d_model, num_heads, head_dim), ("embed", "heads", "kv"))
     self.wk = param(rngs, init, (d_model, kv, head_dim), ("embed", "heads", "kv"))
@@ -79,9 +83,11 @@ class Attention(nnx.Module):
     self.bk = param(rngs, zeros, (kv, head_dim), ("heads", "kv")) if qkv_bias else None
     self.bv = param(rngs, zeros, (kv, head_dim), ("heads", "kv")) if qkv_bias else None
 
-  def __call__(self, x: Array, positions: Array, mask: Array | None,
+  def __call__(self, x: Array, positions: Array, masks: tuple[Array | None, Array | None],
                kv: tuple[Array, Array, Array] | None = None) -> tuple[Array, Array, Array]:
     """-> (output [B, W, D], this call's pre-RoPE keys, values [B, W, kv, H]).
+
+    ``masks = (segment_ids, attention_mask)``, each [B, L] or None.
 
     ``kv = (k_all, v_all, start)``: cached pre-RoPE keys/values of all L
     positions; x is the window [start, start + W), whose fresh keys replace
@@ -105,7 +111,10 @@ class Attention(nnx.Module):
                                        (k.shape[0], k.shape[1]))
     q = rope(q, positions, self.rope_theta)
     k = rope(k.astype(dt), key_positions, self.rope_theta)
-    out = jax.nn.dot_product_attention(q, k, v.astype(dt), mask=mask)  # scale 1/sqrt(H)
+    segment_ids, attention_mask = masks
+    out = attention.attend(q, k, v.astype(dt), backend=self.backend, kind=self.mask_kind,
+                           block_size=self.block_size, segment_ids=segment_ids,
+                           attention_mask=attention_mask)  # scale 1/sqrt(H)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     return jnp.einsum("blnh,nhd->bld", out, self.wo[...].astype(dt)), k_new, v_new
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dlm.models import attention as attention_lib
 from dlm.models import cache as cache_lib
 from dlm.models import layers
 from dlm.parallel import constrain
@@ -47,6 +48,11 @@ class ModelConfig:
   tie_embeddings: bool = False  # logits = h @ embed.T, no separate head
   shift_logits: bool = False  # Dream (from an AR model): position i is predicted at output i-1
   pad_positions: str = "index"  # "index": RoPE at 0..L-1; "cumsum": cumsum(attention_mask) - 1
+  # Attention kernel and mask (dlm/models/attention.py): "xla" (any device), "cudnn" (GPU),
+  # "splash" (Pallas TPU); "bidirectional", "causal" or "block_causal" (blocks of block_size).
+  attention: str = "xla"
+  mask_kind: str = "bidirectional"
+  block_size: int = 0
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:
@@ -59,6 +65,7 @@ class ModelConfig:
                        f" model.num_heads={self.num_heads}")
     if self.pad_positions not in ("index", "cumsum"):
       raise ValueError(f"model.pad_positions {self.pad_positions!r} unknown; use 'index' or 'cumsum'")
+    attention_lib.check(self.attention, self.mask_kind, self.block_size)
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(
           f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads};"
@@ -96,13 +103,15 @@ class Block(nnx.Module):
     self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.attn = layers.Attention(cfg.d_model, cfg.num_heads, cfg.hd, rope_theta=cfg.rope_theta,
                                  dtype=dt, rngs=rngs, num_kv_heads=cfg.num_kv_heads,
-                                 qkv_bias=cfg.qkv_bias)
+                                 qkv_bias=cfg.qkv_bias, backend=cfg.attention,
+                                 mask_kind=cfg.mask_kind, block_size=cfg.block_size)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp, dtype=dt, rngs=rngs)
     self.ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 6, rngs=rngs)
                 if cfg.time_conditioning else None)
 
-  def __call__(self, x: Array, positions: Array, mask: Array | None, c: Array | None,
+  def __call__(self, x: Array, positions: Array, mask: tuple[Array | None, Array | None],
+               c: Array | None,
                kv: tuple[Array, Array, Array] | None = None) -> tuple[Array, Array, Array]:
     """-> (x, this layer's pre-RoPE keys, values for x's positions)."""
     if self.ada is not None:
@@ -162,9 +171,11 @@ class Transformer(nnx.Module):
     if positions is None:
       offset = 0 if cache_start is None else cache_start
       positions = jnp.broadcast_to(offset + jnp.arange(l, dtype=jnp.int32), (b, l))
-    mask = _attention_mask(segment_ids, attention_mask)
-    if kv_cache is not None and mask is not None:
-      raise ValueError("a KV-cached window pass takes no attention_mask or segment_ids")
+    mask = (segment_ids, attention_mask)
+    if kv_cache is not None and (segment_ids is not None or attention_mask is not None
+                                 or cfg.mask_kind != "bidirectional"):
+      raise ValueError("a KV-cached window pass takes no attention_mask or segment_ids, and"
+                       " needs model.mask_kind='bidirectional'")
     x = jnp.take(self.embed[...], x_t, axis=0).astype(cfg.compute_dtype)  # [B, L, D]
     x = constrain(x, ("batch", "length", "embed"))
     c = None
@@ -207,17 +218,6 @@ class Transformer(nnx.Module):
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     chex.assert_shape(logits, (b, l, cfg.vocab_size))
     return (logits, new_cache) if return_kv else logits
-
-
-def _attention_mask(segment_ids: Array | None, attention_mask: Array | None) -> Array | None:
-  """Bidirectional mask [B, 1, L, L]: same segment, and keys that are real tokens."""
-  mask = None
-  if segment_ids is not None:
-    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-  if attention_mask is not None:
-    keys = attention_mask.astype(bool)[:, None, None, :]
-    mask = keys if mask is None else mask & keys
-  return mask
 
 
 def init_model(cfg: ModelConfig, seed: int) -> Transformer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -33,6 +34,17 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
   return d
 
 
+def _model_fields(model: Any) -> Any:
+  """config.model with defaults filled in, without the kernel choice (any kernel resumes a run)."""
+  if not isinstance(model, dict):
+    return model
+  defaults = {f.name: f.default for f in dataclasses.fields(transformer.ModelConfig)
+              if f.default is not dataclasses.MISSING}
+  out = {**defaults, **model}
+  out.pop("attention", None)
+  return out
+
+
 def check_compatible(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses (before touching anything) to train over a run of a different model."""
   path = workdir / checkpoint.CONFIG_FILE
@@ -41,6 +53,8 @@ def check_compatible(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
   saved, new = json.loads(path.read_text()), config.to_dict()
   for key in _SHAPE_KEYS:
     a, b = _get(saved, key), _get(new, key)
+    if key == "model":
+      a, b = _model_fields(a), _model_fields(b)
     if a != b:
       if isinstance(a, dict) and isinstance(b, dict):
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -68,7 +82,7 @@ def _warm_start_params(init_from: str | pathlib.Path, config: ml_collections.Con
                     " point it at a trained run's --workdir")
   saved, new = json.loads((src / checkpoint.CONFIG_FILE).read_text()), config.to_dict()
   for key in ("model", "data.vocab_size"):
-    if _get(saved, key) != _get(new, key):
+    if _model_fields(_get(saved, key)) != _model_fields(_get(new, key)):
       raise UserError(f"--init_from={init_from} holds a different model ({key}: {_get(saved, key)!r}"
                       f" there vs {_get(new, key)!r} here); use its config.model and data.vocab_size")
   try:
@@ -97,6 +111,21 @@ def _copy_tokenizer(init_from: str | pathlib.Path, workdir: pathlib.Path) -> Non
   os.replace(tmp, dst)
 
 
+def check_batch(tc: ml_collections.ConfigDict, mesh: Any, process_count: int) -> None:
+  """train.batch_size splits into microbatches, each over the data-parallel devices."""
+  microbatches = int(tc.get("microbatches", 1))
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if microbatches < 1 or tc.batch_size % microbatches:
+    raise UserError(f"train.microbatches={microbatches} must be >= 1 and divide"
+                    f" train.batch_size={tc.batch_size}; change one of them")
+  per_micro = tc.batch_size // microbatches
+  if per_micro % shards or tc.batch_size % process_count:
+    raise UserError(
+        f"train.batch_size={tc.batch_size} / train.microbatches={microbatches} must be divisible"
+        f" by the {shards} data-parallel devices, and train.batch_size by the"
+        f" {process_count} processes; change them")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           init_from: str | pathlib.Path | None = None) -> dict[str, Any]:
   """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the final metrics.
@@ -122,16 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   # --- mesh ---
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if microbatches < 1 or tc.batch_size % microbatches:
-    raise UserError(f"train.microbatches={microbatches} must be >= 1 and divide"
-                    f" train.batch_size={tc.batch_size}; change one of them")
-  per_micro = tc.batch_size // microbatches
-  if per_micro % shards or tc.batch_size % jax.process_count():
-    raise UserError(
-        f"train.batch_size={tc.batch_size} / train.microbatches={microbatches} must be divisible"
-        f" by the {shards} data-parallel devices, and train.batch_size by the"
-        f" {jax.process_count()} processes; change them")
+  check_batch(tc, mesh, jax.process_count())
 
   # --- data: process 0 trains the tokenizer and fills the cache, the others then load it ---
   if not is_main:

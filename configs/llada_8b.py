@@ -1,0 +1,42 @@
+"""LLaDA-8B-shaped masked diffusion LM pretraining (rows of 4096) for a v5p-128 slice.
+
+LLaDA-8B (Nie et al. 2025, Table 5): 32 layers, d 4096, 32 heads, SwiGLU
+12,288, vocabulary 126,464, RoPE theta 500,000; their global batch of 1280
+rows of 4096, here accumulated in 20 microbatches (64 rows each, one per chip).
+Parameters, Adam moments and gradients are FSDP-sharded over the 64 chips.
+Launch:
+
+  launch/tpu_pod.sh --tpu=NAME --zone=ZONE --setup -- dlm train \
+      --config=configs/llada_8b.py --workdir=/mnt/shared/llada_8b \
+      --config.data.tfds.data_dir=gs://BUCKET/tensorflow_datasets
+
+Fine-tune the released weights instead: `dlm convert --from=llada ...` then
+`--init_from=` that workdir (see the README).  Check it first on this machine
+(no TPU; needs `pip install -e '.[tpu]'`):
+
+  dlm compile --config=configs/llada_8b.py --topology=v5p-128
+
+Compile report: see the README's table (tests/test_compile.py checks it fits).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dlm import recipe  # noqa: E402
+
+TOPOLOGY = "v5p-128"
+
+
+def get_config(arg: str | None = None):
+  c = recipe.base(__file__, "llada_1b")
+  recipe.pod_model(c, d_model=4096, num_layers=32, num_heads=32, mlp_dim=12_288,
+                   vocab_size=126_464, seq_len=4096)
+  c.optim.lr = 4e-4
+  c.train.batch_size = 1280
+  c.train.microbatches = 20
+  c.train.steps = 500_000
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  return c

@@ -1,0 +1,1 @@
+"""Compile recipes for TPU topologies on a CPU host (`dlm compile`)."""

@@ -1,0 +1,173 @@
+"""Attention backends behind one mask description: ``xla``, ``cudnn`` and ``splash`` (Pallas TPU).
+
+softmax(q k^T / sqrt(H) + mask) v (Vaswani et al. 2017, eq. 1) with the mask
+
+  allowed[b, i, j] = kind(i, j) & (segment_q[b, i] == segment_kv[b, j]) & real_kv[b, j]
+
+where ``kind`` is ``bidirectional`` (all pairs), ``causal`` (j <= i) or
+``block_causal`` (block(j) <= block(i), blocks of ``block_size``: BD3-LM's
+mask over a sequence of blocks; block size 1 is causal, L is bidirectional).
+
+- ``xla``: ``jax.nn.dot_product_attention`` with a dense boolean mask; any device.
+- ``cudnn``: the same call with ``implementation="cudnn"`` (NVIDIA GPUs; fused flash attention).
+- ``splash``: the Pallas TPU splash-attention kernel (block-sparse flash attention).  The kind
+  is a static block mask; segments and padding become segment ids (a pad key gets segment 0,
+  so no real query sees it).  Under a mesh the kernel runs per shard (``shard_map`` over the
+  batch and head axes); on a non-TPU backend it runs in Pallas interpret mode (for tests).
+  Rows of pad *queries* are left unspecified (they see other pads, not the real tokens as in
+  ``xla``); every output of a real query is identical.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from dlm import parallel
+
+Array = jax.Array
+BACKENDS = ("xla", "cudnn", "splash")
+MASK_KINDS = ("bidirectional", "causal", "block_causal")
+SPLASH_BLOCK = 128  # splash tiles: sequence lengths must be multiples of this
+
+
+def check(backend: str, kind: str, block_size: int) -> None:
+  if backend not in BACKENDS:
+    raise ValueError(f"model.attention={backend!r} unknown; use one of {list(BACKENDS)}")
+  if kind not in MASK_KINDS:
+    raise ValueError(f"model.mask_kind={kind!r} unknown; use one of {list(MASK_KINDS)}")
+  if kind == "block_causal" and block_size < 1:
+    raise ValueError("model.mask_kind='block_causal' needs model.block_size >= 1")
+
+
+def kind_mask(kind: str, block_size: int, q_len: int, kv_len: int, q_offset: int = 0) -> np.ndarray:
+  """Static [Lq, Lk] bool: which keys each query may see by position alone."""
+  i = np.arange(q_len)[:, None] + q_offset
+  j = np.arange(kv_len)[None, :]
+  if kind == "bidirectional":
+    return np.ones((q_len, kv_len), bool)
+  if kind == "causal":
+    return j <= i
+  return (j // block_size) <= (i // block_size)
+
+
+def dense_mask(kind: str, block_size: int, q_len: int, kv_len: int, *,
+               segment_ids: Array | None = None, attention_mask: Array | None = None,
+               q_offset: int = 0) -> Array | None:
+  """The boolean mask [B or 1, 1, Lq, Lk] of the module docstring (None: attend everywhere)."""
+  mask = None
+  if kind != "bidirectional":
+    mask = jnp.asarray(kind_mask(kind, block_size, q_len, kv_len, q_offset))[None, None]
+  if segment_ids is not None:
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    mask = same if mask is None else mask & same
+  if attention_mask is not None:
+    keys = attention_mask.astype(bool)[:, None, None, :]
+    mask = keys if mask is None else mask & keys
+  return mask
+
+
+def attend(q: Array, k: Array, v: Array, *, backend: str = "xla", kind: str = "bidirectional",
+           block_size: int = 0, segment_ids: Array | None = None,
+           attention_mask: Array | None = None, q_offset: int = 0) -> Array:
+  """q: [B, Lq, N, H]; k, v: [B, Lk, K, H] with K dividing N (GQA) -> [B, Lq, N, H].
+
+  ``segment_ids`` / ``attention_mask`` ([B, Lk], 1 = real) are the keys' (and, for
+  segments, the queries', when Lq == Lk); ``q_offset`` places a query window at
+  absolute positions [q_offset, q_offset + Lq) for the kind mask (KV-cached passes).
+  """
+  check(backend, kind, block_size)
+  if backend == "splash":
+    if q.shape[1] != k.shape[1] or q_offset:
+      raise ValueError("model.attention='splash' runs full-sequence passes; a KV-cached window"
+                       " pass needs model.attention='xla' or 'cudnn'")
+    return _splash(q, k, v, kind, block_size, segment_ids, attention_mask)
+  mask = dense_mask(kind, block_size, q.shape[1], k.shape[1], segment_ids=segment_ids,
+                    attention_mask=attention_mask, q_offset=q_offset)
+  implementation = "cudnn" if backend == "cudnn" else None
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+# --- splash (Pallas TPU) ---
+
+def _on_tpu() -> bool:
+  active = parallel.active_mesh()
+  if active is not None:
+    return active[0].devices.flat[0].platform == "tpu"
+  return jax.default_backend() == "tpu"
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(kind: str, block_size: int, length: int, heads: int, mqa: bool,
+                   interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  if kind == "bidirectional":
+    one = sm.FullMask((length, length))
+  elif kind == "causal":
+    one = sm.CausalMask((length, length))
+  else:
+    one = sm.NumpyMask(kind_mask(kind, block_size, length, length))
+  blk = min(length, 512 if length % 512 == 0 else SPLASH_BLOCK)
+  sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
+                        block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
+                        block_kv_dq=blk)
+  make = sk.make_splash_mqa if mqa else sk.make_splash_mha
+  with jax.ensure_compile_time_eval():  # the block-sparsity tables are constants, not tracers
+    return make(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
+                q_seq_shards=1, interpret=interpret)
+
+
+def _splash(q: Array, k: Array, v: Array, kind: str, block_size: int,
+            segment_ids: Array | None, attention_mask: Array | None) -> Array:
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  b, length, n, h = q.shape
+  kvh = k.shape[2]
+  if length % SPLASH_BLOCK:
+    raise ValueError(f"model.attention='splash' needs a sequence length that is a multiple of"
+                     f" {SPLASH_BLOCK}, got {length}; change data.seq_len or use attention='xla'")
+  seg = (jnp.zeros((b, length), jnp.int32) if segment_ids is None
+         else segment_ids.astype(jnp.int32) + 1)
+  if attention_mask is not None:  # a pad key is its own segment 0: no real query sees it
+    seg = jnp.where(attention_mask.astype(bool), jnp.maximum(seg, 1), 0)
+  interpret = not _on_tpu()
+  q = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)  # the kernel does not scale
+
+  def local(q: Array, k: Array, v: Array, seg: Array) -> Array:
+    """One shard: q [b, L, n, H], k/v [b, L, kv, H] with n / kv the same group size."""
+    heads_here, kv_here = q.shape[2], k.shape[2]
+    group = heads_here // kv_here
+    qh = jnp.swapaxes(q, 1, 2)  # [b, n, L, H]
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, kv, L, H]
+    if group == 1:
+      kern = _splash_kernel(kind, block_size, length, heads_here, False, interpret)
+      out = jax.vmap(lambda q1, k1, v1, s1: kern(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1)))(
+          qh, kh, vh, seg)
+    else:  # GQA: each kv head serves its group of query heads (MQA kernel per kv head)
+      kern = _splash_kernel(kind, block_size, length, group, True, interpret)
+      qg = qh.reshape(qh.shape[0], kv_here, group, length, h)
+      per_kv = jax.vmap(lambda q1, k1, v1, s1: kern(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1)),
+                        in_axes=(0, 0, 0, None))
+      out = jax.vmap(per_kv)(qg, kh, vh, seg).reshape(qh.shape)
+    return jnp.swapaxes(out, 1, 2)
+
+  active = parallel.active_mesh()
+  if active is None:
+    return local(q, k, v, seg)
+  mesh, rules = active
+  qspec = parallel.logical_to_spec(("batch", "length", "heads", "kv"), rules, mesh)
+  kv_heads_axis = qspec[2]
+  if kv_heads_axis is not None:  # kv heads shard like query heads only if they divide
+    size = math.prod(mesh.shape[a] for a in ((kv_heads_axis,) if isinstance(kv_heads_axis, str)
+                                              else kv_heads_axis))
+    if kvh % size:
+      raise ValueError(f"model.attention='splash': {kvh} kv heads do not split over the"
+                       f" {size}-way heads mesh axis; change mesh.tensor or model.num_kv_heads")
+  seg_spec = P(qspec[0], None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(qspec, qspec, qspec, seg_spec),
+                       out_specs=qspec, check_vma=False)(q, k, v, seg)
