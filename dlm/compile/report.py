@@ -16,7 +16,6 @@ per token; 2 N D per sampler call) at a stated MFU:
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import time
@@ -27,12 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dlm import losses, parallel, processes
+from dlm import parallel, processes
 from dlm.compile import topology
 from dlm.data import inputs, tokenizer as tokenizer_lib
 from dlm.errors import UserError
 from dlm.models import transformer
-from dlm.train import optim, state as state_lib, step as step_lib
+from dlm.train import state as state_lib, step as step_lib
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
@@ -75,21 +74,10 @@ def lower_train(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
   """(lowered train step, figures) for the config's train step over ``mesh``."""
   from dlm.train import loop
   tc = config.train
-  microbatches = int(tc.get("microbatches", 1))
-  ema_decay = float(tc.get("ema_decay", 0.0))
   loop.check_batch(tc, mesh, process_count=1)
   model_cfg, process = _model(config)
-  total_steps = int(tc.steps)
-  tx = optim.make_optimizer(config.optim, total_steps)
-  graphdef, abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, rules,
-                                                            ema=ema_decay > 0)
-  apply = transformer.apply_fn(graphdef)
-  loss_fn = functools.partial(losses.get_loss(config.loss.name), model=apply, process=process,
-                              config=config.loss)
   keys = inputs.batch_keys(config.data)
-  step = step_lib.jit_train_step(mesh, rules, shardings, batch_keys=keys, loss_fn=loss_fn, tx=tx,
-                                 lr_fn=optim.learning_rate(config.optim, total_steps),
-                                 microbatches=microbatches, ema_decay=ema_decay)
+  _, _, abstract, _, step = loop.make_train_step(config, model_cfg, process, mesh, rules, keys)
   b, l = int(tc.batch_size), int(config.data.seq_len)
   row = parallel.batch_sharding(mesh, rules)
   batch = {k: _abstract((b, l), jnp.float32 if k == "loss_mask" else jnp.int32, row) for k in keys}

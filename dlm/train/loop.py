@@ -111,6 +111,24 @@ def _copy_tokenizer(init_from: str | pathlib.Path, workdir: pathlib.Path) -> Non
   os.replace(tmp, dst)
 
 
+def make_train_step(config: ml_collections.ConfigDict, model_cfg: transformer.ModelConfig,
+                    process: Any, mesh: Any, rules: Any, batch_keys: tuple[str, ...]):
+  """(tx, graphdef, abstract TrainState, its shardings, jitted train step) of the config."""
+  tc = config.train
+  total_steps = int(tc.steps)
+  ema_decay = float(tc.get("ema_decay", 0.0))
+  tx = optim.make_optimizer(config.optim, total_steps)
+  graphdef, abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, rules,
+                                                            ema=ema_decay > 0)
+  loss_fn = functools.partial(losses.get_loss(config.loss.name),
+                              model=transformer.apply_fn(graphdef), process=process,
+                              config=config.loss)
+  step = step_lib.jit_train_step(mesh, rules, shardings, batch_keys=batch_keys, loss_fn=loss_fn,
+                                 tx=tx, lr_fn=optim.learning_rate(config.optim, total_steps),
+                                 microbatches=int(tc.get("microbatches", 1)), ema_decay=ema_decay)
+  return tx, graphdef, abstract, shardings, step
+
+
 def check_batch(tc: ml_collections.ConfigDict, mesh: Any, process_count: int) -> None:
   """train.batch_size splits into microbatches, each over the data-parallel devices."""
   microbatches = int(tc.get("microbatches", 1))
@@ -138,7 +156,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   tc = config.train
-  microbatches = int(tc.get("microbatches", 1))
   ema_decay = float(tc.get("ema_decay", 0.0))
   max_bad = int(tc.get("max_nonfinite_in_a_row", 10))
   if not 0.0 <= ema_decay < 1.0:
@@ -170,12 +187,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   # --- model, process, loss, optimizer ---
   model_cfg, process = build_model(config, tok)
   total_steps = int(tc.steps)
-  tx = optim.make_optimizer(config.optim, total_steps)
-  graphdef, abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, rules,
-                                                            ema=ema_decay > 0)
+  tx, graphdef, abstract, shardings, train_step = make_train_step(
+      config, model_cfg, process, mesh, rules, data.batch_keys)
   apply = transformer.apply_fn(graphdef)
-  loss_fn = functools.partial(losses.get_loss(config.loss.name), model=apply, process=process,
-                              config=config.loss)
 
   # --- state: resume (falling back past unreadable checkpoints), warm start, or init ---
   mngr, start, state, data_state = checkpoint.resume(
@@ -204,10 +218,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                                       if "python_version" in data.meta else ""))
 
   # --- steps ---
-  train_step = step_lib.jit_train_step(mesh, rules, shardings, batch_keys=data.batch_keys,
-                                       loss_fn=loss_fn, tx=tx,
-                                       lr_fn=optim.learning_rate(config.optim, total_steps),
-                                       microbatches=microbatches, ema_decay=ema_decay)
   eval_step = step_lib.jit_eval_step(mesh, rules, shardings.params, model=apply, process=process)
   all_finite = step_lib.jit_all_finite(shardings)
   put = functools.partial(parallel.global_batch, mesh=mesh, rules=rules)
