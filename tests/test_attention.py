@@ -109,6 +109,8 @@ def test_mask_kinds_closed_forms():
                                 np.ones((16, 16), bool))
   m = attention.kind_mask("block_causal", 4, 8, 8)
   assert m[0, 3] and m[3, 3] and not m[3, 4] and m[4, 7] and m[7, 0]
+  # a window of queries at absolute positions 4..5 (a KV-cached pass) sees rows 4..5 of the mask
+  np.testing.assert_array_equal(attention.kind_mask("block_causal", 4, 2, 8, q_offset=4), m[4:6])
 
 
 def test_model_with_splash_equals_model_with_xla():

@@ -58,12 +58,9 @@ def convert(src: str | os.PathLike, workdir: str | os.PathLike,
       shutil.copyfile(pathlib.Path(src) / name, workdir / name)
   (workdir / HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
   # Written in place from the numpy arrays: peak ~ the weights + 0.25 GB, not twice the weights.
-  mngr = checkpoint.manager(workdir, max_to_keep=1, keep_best=False, host_arrays=True)
-  ok = checkpoint.save(mngr, 0, {"params": params}, {}, {"config": config, "source": str(src)},
-                       host_arrays=True)
-  if not (ok and checkpoint.wait(mngr)):
+  if not checkpoint.save_host_arrays(workdir, {"params": params},
+                                     {"config": config, "source": str(src)}):
     raise UserError(f"could not write the checkpoint into {workdir}; check the disk and retry")
-  mngr.close()
   checkpoint.write_config(workdir, config)  # last: a workdir with config.json is complete
   return workdir
 

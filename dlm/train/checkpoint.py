@@ -46,14 +46,10 @@ def _warn(msg: str) -> None:
 
 
 def manager(workdir: str | os.PathLike, *, max_to_keep: int = 3, keep_best: bool = True,
-            create: bool = True, host_arrays: bool = False) -> ocp.CheckpointManager:
+            create: bool = True, _host_arrays: bool = False) -> ocp.CheckpointManager:
   """Keeps the newest ``max_to_keep`` checkpoints and, with ``keep_best``, the lowest ``val_loss``.
 
-  ``host_arrays``: the state is a tree of numpy arrays that nothing changes
-  while it is written (imported weights); they are written in place, a quarter
-  GB at a time, without the copy orbax otherwise makes first, so writing adds
-  little to the weights themselves.  Such a manager saves with
-  ``save(..., host_arrays=True)``; the files are the ones ``StandardRestore`` reads.
+  ``_host_arrays``: see ``save_host_arrays``.
   """
   policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max(int(max_to_keep), 1))]
   if keep_best:  # checkpoints saved without a validation loss rank last
@@ -69,7 +65,7 @@ def manager(workdir: str | os.PathLike, *, max_to_keep: int = 3, keep_best: bool
       best_fn=lambda m: float(m.get("val_loss", float("inf"))), best_mode="min",
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   path = pathlib.Path(workdir).absolute() / CHECKPOINTS
-  if not host_arrays:
+  if not _host_arrays:
     return ocp.CheckpointManager(path, options=options, item_names=ITEMS)
   registry = ocp.type_handlers.create_type_handler_registry(
       (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
@@ -106,15 +102,14 @@ def wait(mngr: ocp.CheckpointManager) -> bool:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
-         meta: dict[str, Any], val_loss: float | None = None, *, host_arrays: bool = False) -> bool:
+         meta: dict[str, Any], val_loss: float | None = None, *, _host_arrays: bool = False) -> bool:
   """Starts an async save of ``step``; returns False (with a warning) if it could not start.
 
-  ``val_loss`` ranks the checkpoint for keeping the best one; ``host_arrays``: the
-  manager was made with ``host_arrays=True``.
+  ``val_loss`` ranks the checkpoint for keeping the best one.
   """
   wait(mngr)
   metrics = {} if val_loss is None else {"val_loss": float(val_loss)}
-  state_args = ocp.args.PyTreeSave(state) if host_arrays else ocp.args.StandardSave(state)
+  state_args = ocp.args.PyTreeSave(state) if _host_arrays else ocp.args.StandardSave(state)
   try:
     mngr.save(step, args=ocp.args.Composite(state=state_args,
                                             data=ocp.args.JsonSave(data_state),
@@ -125,6 +120,20 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict[st
     _warn(f"could not save the checkpoint of step {step} in {mngr.directory}"
           f" ({type(e).__name__}: {e}); training goes on and the previous checkpoints are intact")
     return False
+
+
+def save_host_arrays(workdir: str | os.PathLike, state: Any, meta: dict[str, Any]) -> bool:
+  """Saves step 0 of a new workdir from numpy arrays that nothing changes meanwhile (imports).
+
+  They are written in place, a quarter GB at a time, uncompressed and without
+  OCDBT, skipping the copy orbax otherwise makes first: writing adds little to
+  the arrays themselves.  The files are the ones ``StandardRestore`` reads.
+  """
+  mngr = manager(workdir, max_to_keep=1, keep_best=False, _host_arrays=True)
+  try:
+    return save(mngr, 0, state, {}, meta, _host_arrays=True) and wait(mngr)
+  finally:
+    mngr.close()
 
 
 def _restore_step(mngr: ocp.CheckpointManager, step: int,
