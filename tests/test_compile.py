@@ -47,21 +47,12 @@ def test_slice_names_resolve_to_their_topologies():
 @needs_libtpu
 @pytest.mark.parametrize("name", POD_RECIPES)
 def test_pod_recipe_compiles_and_fits_its_slice(name):
-  """`dlm compile --config=configs/NAME.py --topology=TOPOLOGY` (started by conftest.py)."""
-  import conftest
-  if name not in conftest.pod_compiles:
-    pytest.skip("the background compiles start only when these tests are collected with libtpu")
-  stdout, stderr, topo = conftest.pod_compiles[name]
-  conftest.pod_compiles["_process"].wait(timeout=1200)
-  text = stdout.read_text()
-  assert text.strip(), stderr.read_text()[-3000:]
-  r = json.loads(text.strip().splitlines()[-1])
   module, config = _recipe(name)
-  assert topo == module.TOPOLOGY and r["slice"] == topology.parse(topo).accelerator_type
+  r = report.compile_report(config, module.TOPOLOGY)
   assert r["devices"] == topology.parse(module.TOPOLOGY).num_chips
   assert r["total_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
                               + r["temp_bytes"] + r["code_bytes"])
-  assert r["fits"], text
+  assert r["fits"], report.format_report(r)
   assert r["total_bytes"] <= (1 - r["margin"]) * r["hbm_bytes"]
   # The state is sharded, not replicated: arguments are about 1/devices of params + Adam (12 B/p).
   state_bytes = r["params"] * (12 + (4 if config.train.ema_decay > 0 else 0))
