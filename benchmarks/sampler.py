@@ -1,6 +1,7 @@
 """Sampler speed: each strategy jitted whole vs an eager Python loop of one jitted call per step.
 
   python benchmarks/sampler.py [--d_model=768 --layers=12] [--gen=128,256] [--batch=1,8]
+                               [--layout=auto|decode|stacked]
 
 A LLaDA-shaped model with random weights (~100M parameters at the defaults;
 output head scaled so logits have std ~5), a 16-token prompt, blocks of 32.
@@ -8,7 +9,9 @@ For each strategy and generation length: tokens/s, NFE, seconds per model
 call, and the speed-up over the eager loop (the references' structure: a
 Python loop calling the model once per step).  Also: a dual-cache block pass
 against a full pass, and dual-cache threshold decoding against the uncached
-LLaDA sampler.  Last line: one JSON object.
+LLaDA sampler.  ``--layout``: the samplers' parameter layout (dlm/models/decode.py;
+auto = decode on CPU); the eager loop and the single-pass timings use the same
+layout and weights.  Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import numpy as np
 from dlm import api
 from dlm.models import transformer
 from dlm.sample import dream, fast_dllm, llada
-from dlm.train import state as state_lib
 
 MASK, EOS = 250, 251
 
@@ -49,18 +51,48 @@ def make_model(d_model: int, layers: int, vocab: int) -> api.DiffusionLM:
                          tokenizer=None, apply=apply)
 
 
-def timed(fn, *args) -> tuple[float, object]:
+def timed(fn, *args, reps: int = 1) -> tuple[float, object]:
+  """Seconds of one call after a warm-up call (the median of ``reps``), and its output."""
   out = fn(*args)
   jax.block_until_ready(out)  # compile + warm
-  t0 = time.perf_counter()
-  out = fn(*args)
-  jax.block_until_ready(out)
-  return time.perf_counter() - t0, out
+  secs = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    secs.append(time.perf_counter() - t0)
+  return float(np.median(secs)), out
+
+
+def pass_seconds(apply, params, x: jax.Array, window: int | None, start: int = 16) -> float:
+  """Seconds per model call inside a jitted loop, as the samplers make them: a full pass over x,
+  or (``window``) a dual-cache pass over x[:, start:start + window].  (t(8) - t(2)) / 6."""
+  def make(n: int):
+    def f(params, x):
+      _, cache = apply(params, x, None, return_kv=True)
+
+      def body(i, acc):
+        xi = x.at[:, start].set(3 + i % 200)  # a changing input: nothing is hoisted out of the loop
+        if window:
+          out = apply(params, xi[:, start:start + window], None, kv_cache=cache,
+                      cache_start=jnp.int32(start))
+        else:
+          out = apply(params, xi, None)
+        return acc + out[0, -1, 0]
+
+      return jax.lax.fori_loop(0, n, body, 0.0)
+    return jax.jit(f)
+
+  t2, _ = timed(make(2), params, x, reps=3)
+  t8, _ = timed(make(8), params, x, reps=3)
+  return (t8 - t2) / 6
 
 
 def eager_llada(m: api.DiffusionLM, prompt: np.ndarray, steps: int, gen: int, block: int) -> float:
   """The reference structure: Python loops, one jitted forward per step, decisions in numpy."""
-  fwd = jax.jit(lambda x: m.apply(m.params, x, None))
+  prepare, apply = m.sampling
+  params = jax.jit(prepare)(m.params)
+  fwd = jax.jit(lambda x: apply(params, x, None))
   b, p = prompt.shape
   x = np.concatenate([prompt, np.full((b, gen), MASK, np.int32)], 1)
   jax.block_until_ready(fwd(jnp.asarray(x)))
@@ -90,15 +122,22 @@ def main() -> None:
   ap.add_argument("--layers", type=int, default=12)
   ap.add_argument("--vocab", type=int, default=256)
   ap.add_argument("--gen", default="128,256")
-  ap.add_argument("--batch", default="1,8")
+  ap.add_argument("--batch", default="1,8", help="batch sizes for llada tokens/s, at the first --gen")
   ap.add_argument("--block", type=int, default=32)
+  ap.add_argument("--layout", default="auto", choices=["auto", "decode", "stacked"])
   args = ap.parse_args()
   m = make_model(args.d_model, args.layers, args.vocab)
+  m.decode_layout = {"auto": None, "decode": True, "stacked": False}[args.layout]
+  layout = "decode" if m.sampling[1] is not m.apply else "stacked"
+  prepare, apply = m.sampling
+  params = jax.jit(prepare)(m.params)
   n_params = transformer.count_params(m.params)
-  print(f"model: {n_params / 1e6:.1f}M parameters, {jax.devices()[0].platform}")
+  print(f"model: {n_params / 1e6:.1f}M parameters, {jax.devices()[0].platform}, {layout} layout")
   rng = np.random.default_rng(1)
-  results: dict = {"params_m": round(n_params / 1e6, 1), "device": jax.devices()[0].platform}
-  for gen in [int(g) for g in args.gen.split(",")]:
+  results: dict = {"params_m": round(n_params / 1e6, 1), "device": jax.devices()[0].platform,
+                   "layout": layout}
+  gens = [int(g) for g in args.gen.split(",")]
+  for gen in gens:
     prompt = rng.integers(3, 240, (1, 16)).astype(np.int32)
     steps = gen  # one token per step, as the references are usually run
     runs = {
@@ -124,19 +163,17 @@ def main() -> None:
     row["llada_speedup_over_eager"] = round(eager / row["llada"]["seconds"], 2)
     row["dual_threshold_over_llada"] = round(row["llada"]["seconds"]
                                              / row["fast_dllm_dual"]["seconds"], 2)
-    # one full pass vs one dual-cache block pass
+    # one full pass vs one dual-cache block pass, each inside a jitted loop as the samplers run it
     x = jnp.asarray(np.concatenate([prompt, np.full((1, gen), MASK, np.int32)], 1))
-    full = jax.jit(lambda x: m.apply(m.params, x, None, return_kv=True))
-    t_full, (_, cache) = timed(full, x)
-    blockfn = jax.jit(lambda x, c: m.apply(m.params, x[:, 16:16 + args.block], None, kv_cache=c,
-                                           cache_start=jnp.int32(16)))
-    t_blk, _ = timed(blockfn, x, cache)
+    t_full = pass_seconds(apply, params, x, None)
+    t_blk = pass_seconds(apply, params, x, args.block)
     row["full_pass_s"], row["dual_block_pass_s"] = round(t_full, 4), round(t_blk, 4)
     row["full_over_cached_pass"] = round(t_full / t_blk, 2)
-    for b in [int(v) for v in args.batch.split(",")]:
+    for b in [int(v) for v in args.batch.split(",")] if gen == gens[0] else []:
       pr = rng.integers(3, 240, (b, 16)).astype(np.int32)
       secs, _ = timed(runs["llada"], pr)
       row[f"llada_batch{b}_tokens_per_s"] = round(b * gen / secs, 1)
+      print(f"gen {gen} llada batch {b}: {b * gen / secs:.1f} tok/s")
     print(f"gen {gen}: llada {row['llada_speedup_over_eager']}x the eager loop; cached pass"
           f" {row['full_over_cached_pass']}x cheaper; dual threshold"
           f" {row['dual_threshold_over_llada']}x llada")

@@ -34,6 +34,27 @@ class DiffusionLM:
   ids: dict[str, int | None]
   tokenizer: Any
   apply: Any  # the pure apply(params, x_t, t, **kw) -> logits
+  # samplers' parameter layout: True = decode layout (dlm/models/decode.py), None = on CPU only
+  decode_layout: bool | None = None
+
+  @functools.cached_property
+  def sampling(self) -> tuple[Any, Any]:
+    """(prepare, apply) for samplers: ``apply(prepare(params), x_t, t, **kw)`` is ``self.apply``'s
+    network; call ``prepare`` inside the sampler's jit, before its loop."""
+    from dlm.models import decode
+    use = decode.use_by_default() if self.decode_layout is None else self.decode_layout
+    if not use:
+      return (lambda params: params), self.apply
+    return functools.partial(decode.layout, self.model_cfg), decode.apply_fn(self.model_cfg)
+
+  def jitted(self, name: str, knobs: dict, build: Any) -> Any:
+    """``jax.jit(build())`` made once per sampler and knobs on this model: a fresh jit per
+    call would trace and compile the whole loop every time."""
+    key = (name, repr(sorted(knobs.items())))
+    cache = self.__dict__.setdefault("_jitted", {})
+    if key not in cache:
+      cache[key] = jax.jit(build())
+    return cache[key]
 
   @functools.cached_property
   def _apply(self):
@@ -96,10 +117,18 @@ class DiffusionLM:
     fixed = np.concatenate([np.ones((b, p), bool), np.zeros((b, gen_length), bool)], axis=1)
     process = processes.make_process(self.config.process, vocab_size=self.model_cfg.vocab_size,
                                      mask_id=mask_id)
-    smp = samplers.make_sampler("ancestral", lambda x, t: self.apply(self.params, x, t), process,
-                                steps=steps, temperature=temperature, top_p=top_p)
-    final = jax.jit(lambda rng, g, f: samplers.run(smp, rng, g, f))(
-        jax.random.key(seed), jnp.asarray(given), jnp.asarray(fixed))
+    prepare, apply = self.sampling
+
+    def build() -> Any:
+      def fn(params: Any, rng: jax.Array, g: jax.Array, f: jax.Array) -> Any:
+        params = prepare(params)
+        smp = samplers.make_sampler("ancestral", lambda x, t: apply(params, x, t), process,
+                                    steps=steps, temperature=temperature, top_p=top_p)
+        return samplers.run(smp, rng, g, f)
+      return fn
+
+    fn = self.jitted("ancestral", dict(steps=steps, temperature=temperature, top_p=top_p), build)
+    final = fn(self.params, jax.random.key(seed), jnp.asarray(given), jnp.asarray(fixed))
     return GenerateOutput(np.asarray(final.x), int(final.nfe))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -23,7 +24,16 @@ def model():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_reference_diffusion_generate(model, name):
-  c = CASES[name]
+  check_case(model, CASES[name])
+
+
+def test_stacked_layout_matches_reference_diffusion_generate(model):
+  """The samplers' other parameter layout (GPU/TPU default; dlm/models/decode.py)."""
+  check_case(dataclasses.replace(model, decode_layout=False),
+             CASES["topk_margin_batch2_left_padded"])
+
+
+def check_case(model, c) -> None:
   state = dream.run(model, np.array(c["prompt"]), c["attention_mask"], steps=c["steps"],
                     max_new_tokens=c["max_new_tokens"], alg=c["alg"], alg_temp=c["alg_temp"],
                     eps=c["eps"], top_p=c["top_p"], top_k=c["top_k"],

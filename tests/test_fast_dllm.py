@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -25,7 +26,16 @@ def model():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_reference(model, name):
-  c = CASES[name]
+  check_case(model, CASES[name])
+
+
+@pytest.mark.parametrize("name", ["dual_cache_threshold0.9", "prefix_cache_fixed_quota"])
+def test_stacked_layout_matches_reference(model, name):
+  """The samplers' other parameter layout (GPU/TPU default; dlm/models/decode.py)."""
+  check_case(dataclasses.replace(model, decode_layout=False), CASES[name])
+
+
+def check_case(model, c) -> None:
   state = fast_dllm.run(model, np.array(c["prompt"]), steps=c["steps"],
                         gen_length=c["gen_length"], block_length=c["block_length"],
                         threshold=c["threshold"], use_cache=c["use_cache"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -26,7 +27,18 @@ def model():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_reference_generate(model, name):
-  c = CASES[name]
+  check_case(model, CASES[name])
+
+
+@pytest.mark.parametrize("name", ["cfg_1.0", "batch2_left_padded"])
+def test_stacked_layout_matches_reference_generate(model, name):
+  """The samplers' other parameter layout (GPU/TPU default; dlm/models/decode.py)."""
+  stacked = dataclasses.replace(model, decode_layout=False)
+  assert stacked.sampling[1] is stacked.apply and model.sampling[1] is not model.apply
+  check_case(stacked, CASES[name])
+
+
+def check_case(model, c) -> None:
   state = llada.run(model, np.array(c["prompt"]), c["attention_mask"], steps=c["steps"],
                     gen_length=c["gen_length"], block_length=c["block_length"],
                     cfg_scale=c["cfg_scale"], logits_eos_inf=c["logits_eos_inf"],

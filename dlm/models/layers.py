@@ -68,11 +68,20 @@ class Attention(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rope_theta: float,
                dtype: jnp.dtype, rngs: nnx.Rngs, num_kv_heads: int | None = None,
                qkv_bias: bool = False, backend: str = "xla", mask_kind: str = "bidirectional",
-               block_size: int = 0):
+               block_size: int = 0, decode: bool = False):
     kv = num_kv_heads or num_heads
     self.num_heads, self.head_dim, self.rope_theta, self.dtype = num_heads, head_dim, rope_theta, dtype
+    self.num_kv_heads = kv
     self.backend, self.mask_kind, self.block_size = backend, mask_kind, block_size
+    self.decode = decode
     init = _fan_in_init(d_model)
+    if decode:  # decode layout (decode.py): one fused q|k|v kernel and wo, both [out, in]
+      f = (num_heads + 2 * kv) * head_dim
+      self.wqkv = param(rngs, init, (f, d_model), ("heads", "embed"))
+      self.bqkv = param(rngs, jax.nn.initializers.zeros, (f,), ("heads",)) if qkv_bias else None
+      self.wo = param(rngs, _fan_in_init(num_heads * head_dim), (d_model, num_heads * head_dim),
+                      ("embed", "heads"))
+      return
     self.wq = param(rngs, init, (d_model, num_heads, head_dim), ("embed", "heads", "kv"))
     self.wk = param(rngs, init, (d_model, kv, head_dim), ("embed", "heads", "kv"))
     self.wv = param(rngs, init, (d_model, kv, head_dim), ("embed", "heads", "kv"))
@@ -94,12 +103,7 @@ class Attention(nnx.Module):
     the cached ones, and whose queries attend to all L keys (see cache.py).
     """
     dt = self.dtype
-
-    def project(w: nnx.Param, b: nnx.Param | None) -> Array:
-      y = jnp.einsum("bld,dnh->blnh", x, w[...].astype(dt))
-      return y if b is None else y + b[...].astype(dt)
-
-    q, k, v = project(self.wq, self.bq), project(self.wk, self.bk), project(self.wv, self.bv)
+    q, k, v = self._qkv(x)
     q, k, v = (constrain(a, ("batch", "length", "heads", "kv")) for a in (q, k, v))
     k_new, v_new = k, v
     key_positions = positions
@@ -116,20 +120,51 @@ class Attention(nnx.Module):
                            block_size=self.block_size, segment_ids=segment_ids,
                            attention_mask=attention_mask)  # scale 1/sqrt(H)
     out = constrain(out, ("batch", "length", "heads", "kv"))
+    if self.decode:
+      out = jnp.einsum("blf,df->bld", out.reshape(*out.shape[:2], -1), self.wo[...].astype(dt))
+      return out, k_new, v_new
     return jnp.einsum("blnh,nhd->bld", out, self.wo[...].astype(dt)), k_new, v_new
+
+  def _qkv(self, x: Array) -> tuple[Array, Array, Array]:
+    """q [B, L, N, H] and k, v [B, L, kv, H]: three projections, or one fused in decode layout."""
+    dt = self.dtype
+    if self.decode:
+      y = jnp.einsum("bld,fd->blf", x, self.wqkv[...].astype(dt))
+      if self.bqkv is not None:
+        y = y + self.bqkv[...].astype(dt)
+      nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+      q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
+      return (q.reshape(*q.shape[:2], self.num_heads, self.head_dim),
+              k.reshape(*k.shape[:2], self.num_kv_heads, self.head_dim),
+              v.reshape(*v.shape[:2], self.num_kv_heads, self.head_dim))
+
+    def project(w: nnx.Param, b: nnx.Param | None) -> Array:
+      y = jnp.einsum("bld,dnh->blnh", x, w[...].astype(dt))
+      return y if b is None else y + b[...].astype(dt)
+
+    return project(self.wq, self.bq), project(self.wk, self.bk), project(self.wv, self.bv)
 
 
 class SwiGLU(nnx.Module):
   """FFN(x) = W_o (silu(W_g x) * W_u x) (Shazeer 2020, eq. 6)."""
 
-  def __init__(self, d_model: int, mlp_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.dtype = dtype
+  def __init__(self, d_model: int, mlp_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
+               decode: bool = False):
+    self.dtype, self.decode = dtype, decode
+    if decode:  # decode layout (decode.py): fused gate|up kernel and w_out, both [out, in]
+      self.w_gate_up = param(rngs, _fan_in_init(d_model), (2 * mlp_dim, d_model), ("mlp", "embed"))
+      self.w_out = param(rngs, _fan_in_init(mlp_dim), (d_model, mlp_dim), ("embed", "mlp"))
+      return
     self.w_gate = param(rngs, _fan_in_init(d_model), (d_model, mlp_dim), ("embed", "mlp"))
     self.w_up = param(rngs, _fan_in_init(d_model), (d_model, mlp_dim), ("embed", "mlp"))
     self.w_out = param(rngs, _fan_in_init(mlp_dim), (mlp_dim, d_model), ("mlp", "embed"))
 
   def __call__(self, x: Array) -> Array:
     dt = self.dtype
+    if self.decode:
+      gate, up = jnp.split(jnp.einsum("bld,md->blm", x, self.w_gate_up[...].astype(dt)), 2, -1)
+      h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+      return jnp.einsum("blm,dm->bld", h, self.w_out[...].astype(dt))
     gate = jnp.einsum("bld,dm->blm", x, self.w_gate[...].astype(dt))
     up = jnp.einsum("bld,dm->blm", x, self.w_up[...].astype(dt))
     h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))

@@ -98,15 +98,16 @@ class ModelConfig:
 class Block(nnx.Module):
   """x += gate * Attn(mod(norm(x))); x += gate * MLP(mod(norm(x)))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, decode: bool = False):
     dt = cfg.compute_dtype
     self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.attn = layers.Attention(cfg.d_model, cfg.num_heads, cfg.hd, rope_theta=cfg.rope_theta,
                                  dtype=dt, rngs=rngs, num_kv_heads=cfg.num_kv_heads,
                                  qkv_bias=cfg.qkv_bias, backend=cfg.attention,
-                                 mask_kind=cfg.mask_kind, block_size=cfg.block_size)
+                                 mask_kind=cfg.mask_kind, block_size=cfg.block_size,
+                                 decode=decode)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-    self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp, dtype=dt, rngs=rngs)
+    self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp, dtype=dt, rngs=rngs, decode=decode)
     self.ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 6, rngs=rngs)
                 if cfg.time_conditioning else None)
 
@@ -127,10 +128,14 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Bidirectional denoiser: token ids x_t (and t) -> logits over the vocabulary."""
+  """Bidirectional denoiser: token ids x_t (and t) -> logits over the vocabulary.
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
+  ``decode=True`` builds the same network in decode layout (see decode.py): a
+  list of layers run in a Python loop, fused kernels stored [out, in].
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, decode: bool = False):
+    self.cfg, self.decode = cfg, decode
     self.embed = layers.param(rngs, jax.nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
                               ("vocab", "embed"))
 
@@ -139,14 +144,17 @@ class Transformer(nnx.Module):
     def make_blocks(r: nnx.Rngs) -> Block:
       return Block(cfg, rngs=r)
 
-    self.blocks = make_blocks(rngs)
+    self.blocks = (nnx.List([Block(cfg, rngs=rngs, decode=True) for _ in range(cfg.num_layers)])
+                   if decode else make_blocks(rngs))
     self.time_embed = layers.TimeEmbed(cfg.cond_dim, rngs=rngs) if cfg.time_conditioning else None
     self.final_ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 2, rngs=rngs)
                       if cfg.time_conditioning else None)
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    head_shape, head_names = (((cfg.vocab_size, cfg.d_model), ("vocab", "embed")) if decode
+                              else ((cfg.d_model, cfg.vocab_size), ("embed", "vocab")))
     self.head = (None if cfg.tie_embeddings else
-                 layers.param(rngs, jax.nn.initializers.normal(cfg.d_model ** -0.5),
-                              (cfg.d_model, cfg.vocab_size), ("embed", "vocab")))
+                 layers.param(rngs, jax.nn.initializers.normal(cfg.d_model ** -0.5), head_shape,
+                              head_names))
 
   def __call__(self, x_t: Array, t: Array | None = None, *, segment_ids: Array | None = None,
                attention_mask: Array | None = None, positions: Array | None = None,
@@ -187,7 +195,15 @@ class Transformer(nnx.Module):
     def body(block: Block, h: Array) -> Array:
       return block(h, positions, mask, c)[0]
 
-    if kv_cache is not None or return_kv:
+    if self.decode:
+      ks, vs = [], []
+      for i, block in enumerate(self.blocks):
+        kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], cache_start)
+        x, k, v = block(x, positions, mask, c, kv)
+        ks.append(k)
+        vs.append(v)
+      new_cache = cache_lib.KVCache(k=jnp.stack(ks), v=jnp.stack(vs)) if return_kv else None
+    elif kv_cache is not None or return_kv:
       def body_kv(block: Block, h: Array, layer_kv: Any) -> tuple[Array, tuple[Array, Array]]:
         kv = None if layer_kv is None else (layer_kv[0], layer_kv[1], cache_start)
         h, k, v = block(h, positions, mask, c, kv)
@@ -209,8 +225,9 @@ class Transformer(nnx.Module):
     if self.final_ada is not None:
       shift, scale = self.final_ada(c)
       h = layers.modulate(h, shift, scale)
-    if self.head is None:
-      logits = jnp.einsum("bld,vd->blv", h, self.embed[...].astype(cfg.compute_dtype))
+    if self.head is None or self.decode:
+      w = self.embed if self.head is None else self.head
+      logits = jnp.einsum("bld,vd->blv", h, w[...].astype(cfg.compute_dtype))
     else:
       logits = jnp.einsum("bld,dv->blv", h, self.head[...].astype(cfg.compute_dtype))
     if cfg.shift_logits and not raw_logits:

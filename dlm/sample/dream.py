@@ -116,13 +116,18 @@ def generate(logits_fn: Callable[[Array, Array | None], Array], prompt: Array,
 def run(model: Any, prompt: Any, attention_mask: Any = None, *, seed: int = 0,
         **knobs: Any) -> DreamState:
   """``generate`` on a ``dlm.from_pretrained`` model (its aligned, shifted logits), jitted."""
-  apply = model.apply
+  prepare, apply = model.sampling
   kw = dict(mask_id=model.ids["mask"])
   kw.update(knobs)
 
-  def fn(params: Any, pr: Array, am: Array | None, rng: Array) -> DreamState:
-    logits_fn = lambda x, a: apply(params, x, None, attention_mask=a)
-    return generate(logits_fn, pr, am, rng, **kw)
+  def build() -> Callable[..., DreamState]:
+    def fn(params: Any, pr: Array, am: Array | None, rng: Array) -> DreamState:
+      params = prepare(params)
+      logits_fn = lambda x, a: apply(params, x, None, attention_mask=a)
+      return generate(logits_fn, pr, am, rng, **kw)
+    return fn
 
   am = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  return jax.jit(fn)(model.params, jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))
+  # params are an argument, not a closure: no weight constants baked into the program
+  fn = model.jitted("dream", kw, build)
+  return fn(model.params, jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))

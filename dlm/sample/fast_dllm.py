@@ -72,7 +72,8 @@ def generate(model: Any, prompt: Array, *, mask_id: int, steps: int, gen_length:
   if threshold is None and use_cache != "none" and per_block < 2:
     raise UserError(f"fixed-quota decoding with use_cache={use_cache!r} needs >= 2 steps per"
                     f" block, got {per_block}; raise steps or set threshold")
-  apply, params = model.apply, model.params if params is None else params
+  prepare, apply = model.sampling
+  params = prepare(model.params if params is None else params)
   b, p = prompt.shape
   x = jnp.concatenate([prompt.astype(jnp.int32), jnp.full((b, gen_length), mask_id, jnp.int32)], 1)
   state = FastState(x=x, committed_at=jnp.full(x.shape, -1, jnp.int32),
@@ -116,7 +117,8 @@ def run(model: Any, prompt: Any, **knobs: Any) -> FastState:
   """``generate`` on a ``dlm.from_pretrained`` model, jitted."""
   kw = dict(mask_id=model.ids["mask"])
   kw.update(knobs)
-  fn = jax.jit(lambda params, pr: generate(model, pr, params=params, **kw))
+  fn = model.jitted("fast_dllm", kw, lambda: lambda params, pr: generate(model, pr, params=params,
+                                                                         **kw))
   return fn(model.params, jnp.asarray(prompt, jnp.int32))
 
 

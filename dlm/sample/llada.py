@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from dlm.errors import UserError
 
 Array = jax.Array
-# logits(x [B, L], attention_mask [B, L]) -> float32 [B, L, V], aligned (row i predicts token i)
+# logits(x [B, L], attention_mask [B, L] or None) -> float32 [B, L, V], aligned (row i predicts token i)
 Logits = Callable[[Array, Array], Array]
 
 
@@ -78,9 +78,10 @@ def generate(logits_fn: Logits, prompt: Array, attention_mask: Array | None, rng
   b, p = prompt.shape
   length = p + gen_length
   x = jnp.concatenate([prompt.astype(jnp.int32), jnp.full((b, gen_length), mask_id, jnp.int32)], 1)
-  am = (jnp.ones((b, p), jnp.int32) if attention_mask is None
-        else jnp.asarray(attention_mask, jnp.int32))
-  am = jnp.concatenate([am, jnp.ones((b, gen_length), jnp.int32)], 1)
+  am = None  # no padding: no mask (an all-ones mask costs a select in every attention layer)
+  if attention_mask is not None:
+    am = jnp.concatenate([jnp.asarray(attention_mask, jnp.int32),
+                          jnp.ones((b, gen_length), jnp.int32)], 1)
   prompt_index = x != mask_id  # what the unconditional CFG branch masks (pads included)
   pos = jnp.arange(length)
 
@@ -97,7 +98,8 @@ def generate(logits_fn: Logits, prompt: Array, attention_mask: Array | None, rng
   def logits_of(x: Array) -> Array:
     if cfg_scale > 0:
       un = jnp.where(prompt_index, mask_id, x)
-      both = logits_fn(jnp.concatenate([x, un], 0), jnp.concatenate([am, am], 0))
+      both = logits_fn(jnp.concatenate([x, un], 0),
+                       None if am is None else jnp.concatenate([am, am], 0))
       cond, uncond = both[:b], both[b:]
       return uncond + (cfg_scale + 1.0) * (cond - uncond)
     return logits_fn(x, am)
@@ -149,15 +151,19 @@ def unmasked_per_step(state: LLaDAState, steps: int) -> list[list[list[int]]]:
 def run(model: Any, prompt: Any, attention_mask: Any = None, *, seed: int = 0,
         **knobs: Any) -> LLaDAState:
   """``generate`` on a ``dlm.from_pretrained`` model (aligned logits), jitted."""
-  apply = model.apply
+  prepare, apply = model.sampling
   ids = model.ids
   kw = dict(mask_id=ids["mask"], eos_id=ids.get("eos"), eot_id=ids.get("eot"))
   kw.update(knobs)
 
-  def fn(params: Any, pr: Array, am: Array | None, rng: Array) -> LLaDAState:
-    logits_fn = lambda x, a: apply(params, x, None, attention_mask=a)
-    return generate(logits_fn, pr, am, rng, **kw)
+  def build() -> Callable[..., LLaDAState]:
+    def fn(params: Any, pr: Array, am: Array | None, rng: Array) -> LLaDAState:
+      params = prepare(params)
+      logits_fn = lambda x, a: apply(params, x, None, attention_mask=a)
+      return generate(logits_fn, pr, am, rng, **kw)
+    return fn
 
   am = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   # params are an argument, not a closure: no weight constants baked into the program
-  return jax.jit(fn)(model.params, jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))
+  fn = model.jitted("llada", kw, build)
+  return fn(model.params, jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))

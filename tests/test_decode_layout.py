@@ -1,0 +1,62 @@
+"""The decode layout (dlm/models/decode.py) is the same network: logits, KV caches, window passes."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dlm
+from dlm.models import decode, transformer
+from dlm.sample import llada
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(num_kv_heads=2, qkv_bias=True, pad_positions="cumsum"),  # Dream-shaped
+    dict(tie_embeddings=True, shift_logits=True),
+    dict(time_conditioning=True, mlp_dim=96),
+], ids=["plain", "gqa_bias_cumsum", "tied_shifted", "time_conditioned"])
+def test_decode_layout_computes_the_same_network(kw):
+  cfg = transformer.ModelConfig(vocab_size=40, d_model=64, num_layers=3, num_heads=4, **kw)
+  graphdef, state = nnx.split(transformer.init_model(cfg, 0))
+  params = nnx.to_pure_dict(state)
+  keys = iter(jax.random.split(jax.random.key(1), 64))  # perturb: zero-initialised biases/gates
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(next(keys), a.shape), params)
+  apply, dparams, dapply = transformer.apply_fn(graphdef), decode.layout(cfg, params), decode.apply_fn(cfg)
+  assert transformer.count_params(dparams) == transformer.count_params(params)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 20)), jnp.int32)
+  t = jnp.array([0.3, 0.7]) if cfg.time_conditioning else None
+  am = jnp.asarray(np.array([[1] * 20, [0] * 5 + [1] * 15]), jnp.int32)
+
+  def outputs(apply, params):  # every kind of pass, in one compiled program
+    logits, cache = apply(params, x, t, return_kv=True)
+    return (logits, apply(params, x, t, attention_mask=am), cache.k, cache.v,
+            apply(params, x[:, 6:14], t, kv_cache=cache, cache_start=jnp.int32(6)))
+
+  want = jax.jit(lambda p: outputs(apply, p))(params)
+  got = jax.jit(lambda p: outputs(dapply, p))(dparams)
+  for a, b in zip(want, got):
+    assert a.shape == b.shape
+    scale = float(jnp.max(jnp.abs(a)))
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6 * scale, rtol=0)
+
+
+def test_a_sampler_compiles_once_per_knobs():
+  """Repeated generate calls reuse the compiled loop (a new jit per call would retrace)."""
+  m = dlm.from_pretrained(FIXTURES / "llada-tiny")
+  assert m.sampling[1] is not m.apply  # CPU: decode layout by default
+  knobs = dict(steps=4, gen_length=8, block_length=4)
+  a = llada.run(m, np.array([[5, 6, 7]]), **knobs)
+  b = llada.run(m, np.array([[5, 6, 7]]), **knobs)
+  np.testing.assert_array_equal(np.asarray(a.x), np.asarray(b.x))
+  (fn,) = m.__dict__["_jitted"].values()
+  assert fn._cache_size() == 1
+  llada.run(m, np.array([[5, 6, 7]]), **dict(knobs, steps=8))
+  assert len(m.__dict__["_jitted"]) == 2
