@@ -123,7 +123,8 @@ class DiffusionLM:
       def fn(params: Any, rng: jax.Array, g: jax.Array, f: jax.Array) -> Any:
         params = prepare(params)
         smp = samplers.make_sampler("ancestral", lambda x, t: apply(params, x, t), process,
-                                    steps=steps, temperature=temperature, top_p=top_p)
+                                    steps=steps, temperature=temperature, top_p=top_p,
+                                    denoiser_uses_t=self.model_cfg.time_conditioning)
         return samplers.run(smp, rng, g, f)
       return fn
 

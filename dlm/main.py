@@ -140,7 +140,8 @@ def cmd_sample() -> None:
       run.denoiser(), run.process, given, fixed,
       num_samples=f.num_samples or int(sc.num_samples),
       seed=sc.seed if f.seed is None else f.seed, sampler=sc.sampler,
-      steps=f.steps or int(sc.steps), temperature=float(temperature), top_p=float(top_p))
+      steps=f.steps or int(sc.steps), temperature=float(temperature), top_p=float(top_p),
+      denoiser_uses_t=run.model_cfg.time_conditioning)
   for i, text in enumerate(generate.decode_samples(run.tokenizer, tokens)):
     print(f"===== sample {i} (step {run.step}, nfe {nfe}) =====")
     print(text)

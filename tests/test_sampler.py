@@ -156,3 +156,23 @@ def test_temperature_zero_is_argmax():
                                      np.zeros(L, bool), num_samples=4, seed=0, steps=8,
                                      temperature=0.0)
   assert (tokens == tokens[0]).all()
+
+
+@pytest.mark.parametrize("name", ["masked", "uniform"])
+def test_denoiser_cache_draws_the_same_tokens_with_fewer_calls(name):
+  """MDLM's cache: a t-independent denoiser is not called again while no token changes."""
+  p = _joint(3)
+  vocab = V + 1 if name == "masked" else V
+  process = processes.make_process({"name": name, "schedule": {"name": "linear"}},
+                                   vocab_size=vocab, mask_id=MASK if name == "masked" else 0)
+  denoise = masked_exact_denoiser(p)
+  if name == "uniform":  # some t-independent denoiser over the uniform process' vocabulary
+    masked = denoise
+    denoise = lambda x, t: masked(jnp.where(x == 0, MASK, x), t)[..., :V]
+  kw = dict(num_samples=8, seed=4, steps=200)
+  given, fixed = np.zeros(L, np.int32), np.zeros(L, bool)
+  plain, nfe_plain = generate.sample_tokens(denoise, process, given, fixed, **kw)
+  cached, nfe_cached = generate.sample_tokens(denoise, process, given, fixed,
+                                              denoiser_uses_t=False, **kw)
+  np.testing.assert_array_equal(cached, plain)
+  assert nfe_plain == 200 and 1 <= nfe_cached < 200
