@@ -42,10 +42,7 @@ class DiffusionLM:
     """(prepare, apply) for samplers: ``apply(prepare(params), x_t, t, **kw)`` is ``self.apply``'s
     network; call ``prepare`` inside the sampler's jit, before its loop."""
     from dlm.models import decode
-    use = decode.use_by_default() if self.decode_layout is None else self.decode_layout
-    if not use:
-      return (lambda params: params), self.apply
-    return functools.partial(decode.layout, self.model_cfg), decode.apply_fn(self.model_cfg)
+    return decode.for_sampling(self.model_cfg, self.apply, self.decode_layout)
 
   def jitted(self, name: str, knobs: dict, build: Any) -> Any:
     """``jax.jit(build())`` made once per sampler and knobs on this model: a fresh jit per

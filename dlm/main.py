@@ -136,8 +136,10 @@ def cmd_sample() -> None:
     raise _usage("--trajectory needs --sampler=llada|dream|fast_dllm")
   given, fixed = generate.build_template(run.tokenizer, length=length, prompt=prompt,
                                          infill=f.infill, gap_length=f.gap_length)
+  from dlm.models import decode
+  prepare, apply = decode.for_sampling(run.model_cfg, run.apply)
   tokens, nfe = generate.sample_tokens(
-      run.denoiser(), run.process, given, fixed,
+      apply, run.process, given, fixed, params=run.params, prepare=prepare,
       num_samples=f.num_samples or int(sc.num_samples),
       seed=sc.seed if f.seed is None else f.seed, sampler=sc.sampler,
       steps=f.steps or int(sc.steps), temperature=float(temperature), top_p=float(top_p),

@@ -25,9 +25,6 @@ class Run:
   step: int
   weights: str = "params"  # or "ema_params": which of the checkpoint's weights were loaded
 
-  def denoiser(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    return lambda x_t, t: self.apply(self.params, x_t, t)
-
 
 def load_run(workdir: str | pathlib.Path, step: int | None = None,
              ema: bool | None = None) -> Run:

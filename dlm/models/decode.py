@@ -18,6 +18,7 @@ its jit, before its loop, and the converted copy lives only for that call.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -63,6 +64,15 @@ def graphdef(cfg: transformer.ModelConfig) -> nnx.GraphDef:
 def apply_fn(cfg: transformer.ModelConfig) -> Callable[..., Array]:
   """``apply(decode_params, x_t, t, **kw)``: the denoiser's call signature, in decode layout."""
   return transformer.apply_fn(graphdef(cfg))
+
+
+def for_sampling(cfg: transformer.ModelConfig, apply: Callable[..., Array],
+                 use: bool | None = None) -> tuple[Callable[[dict], dict], Callable[..., Array]]:
+  """(prepare, apply) a sampler runs as ``apply(prepare(params), x_t, t, **kw)``: the decode
+  layout when ``use`` (None: on CPU), else the stacked ``apply`` as is."""
+  if not (use_by_default() if use is None else use):
+    return (lambda params: params), apply
+  return functools.partial(layout, cfg), apply_fn(cfg)
 
 
 def use_by_default() -> bool:

@@ -56,14 +56,29 @@ def build_template(tokenizer: Any, *, length: int, prompt: str | None = None,
           np.array(fixed + [False] * pad, bool))
 
 
-def sample_tokens(denoise: Callable[[jax.Array, jax.Array], jax.Array], process: Any,
+def sample_tokens(denoise: Callable[..., jax.Array], process: Any,
                   given: np.ndarray, fixed: np.ndarray, *, num_samples: int, seed: int,
-                  sampler: str = "ancestral", **knobs: Any) -> tuple[np.ndarray, int]:
-  """Runs the sampler on ``num_samples`` copies of the template: (tokens [N, L], nfe)."""
-  smp = samplers.make_sampler(sampler, denoise, process, **knobs)
+                  sampler: str = "ancestral", params: Any = None,
+                  prepare: Callable[[Any], Any] | None = None,
+                  **knobs: Any) -> tuple[np.ndarray, int]:
+  """Runs the sampler on ``num_samples`` copies of the template: (tokens [N, L], nfe).
+
+  ``denoise(x_t, t)``, or with ``params`` ``denoise(params, x_t, t)``: the weights are then
+  an argument of the jitted loop (not constants baked into it), first passed through
+  ``prepare`` inside the jit (the decode layout, dlm/models/decode.py).
+  """
   g = jnp.broadcast_to(jnp.asarray(given), (num_samples, given.shape[-1]))
   f = jnp.broadcast_to(jnp.asarray(fixed), (num_samples, fixed.shape[-1]))
-  final = jax.jit(lambda rng, g, f: samplers.run(smp, rng, g, f))(jax.random.key(seed), g, f)
+
+  def fn(params: Any, rng: jax.Array, g: jax.Array, f: jax.Array) -> samplers.SamplerState:
+    if params is None:
+      model = denoise
+    else:
+      params = prepare(params) if prepare is not None else params
+      model = lambda x_t, t: denoise(params, x_t, t)
+    return samplers.run(samplers.make_sampler(sampler, model, process, **knobs), rng, g, f)
+
+  final = jax.jit(fn)(params, jax.random.key(seed), g, f)
   return np.asarray(final.x), int(final.nfe)
 
 
