@@ -37,17 +37,21 @@ class DiffusionLM:
   # samplers' parameter layout: True = decode layout (dlm/models/decode.py), None = on CPU only
   decode_layout: bool | None = None
 
-  @functools.cached_property
+  @property
   def sampling(self) -> tuple[Any, Any]:
     """(prepare, apply) for samplers: ``apply(prepare(params), x_t, t, **kw)`` is ``self.apply``'s
-    network; call ``prepare`` inside the sampler's jit, before its loop."""
+    network; call ``prepare`` inside the sampler's jit, before its loop.  Made once per
+    ``decode_layout`` value."""
     from dlm.models import decode
-    return decode.for_sampling(self.model_cfg, self.apply, self.decode_layout)
+    made = self.__dict__.setdefault("_sampling", {})
+    if self.decode_layout not in made:
+      made[self.decode_layout] = decode.for_sampling(self.model_cfg, self.apply, self.decode_layout)
+    return made[self.decode_layout]
 
   def jitted(self, name: str, knobs: dict, build: Any) -> Any:
     """``jax.jit(build())`` made once per sampler and knobs on this model: a fresh jit per
     call would trace and compile the whole loop every time."""
-    key = (name, repr(sorted(knobs.items())))
+    key = (name, self.decode_layout, repr(sorted(knobs.items())))
     cache = self.__dict__.setdefault("_jitted", {})
     if key not in cache:
       cache[key] = jax.jit(build())

@@ -60,3 +60,8 @@ def test_a_sampler_compiles_once_per_knobs():
   assert fn._cache_size() == 1
   llada.run(m, np.array([[5, 6, 7]]), **dict(knobs, steps=8))
   assert len(m.__dict__["_jitted"]) == 2
+  m.decode_layout = False  # switching layouts after a call takes effect
+  assert m.sampling[1] is m.apply
+  c = llada.run(m, np.array([[5, 6, 7]]), **knobs)
+  assert len(m.__dict__["_jitted"]) == 3
+  np.testing.assert_array_equal(np.asarray(c.x), np.asarray(a.x))
