@@ -122,7 +122,8 @@ def main() -> None:
   ap.add_argument("--layers", type=int, default=12)
   ap.add_argument("--vocab", type=int, default=256)
   ap.add_argument("--gen", default="128,256")
-  ap.add_argument("--batch", default="1,8", help="batch sizes for llada tokens/s, at the first --gen")
+  ap.add_argument("--batch", default="1,8",
+                  help="batch sizes for llada tokens/s, at the first --gen")
   ap.add_argument("--block", type=int, default=32)
   ap.add_argument("--layout", default="auto", choices=["auto", "decode", "stacked"])
   args = ap.parse_args()

@@ -1,4 +1,4 @@
-"""The decode layout (dlm/models/decode.py) is the same network: logits, KV caches, window passes."""
+"""The decode layout (dlm/models/decode.py) is the same network: logits, caches, windows."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def test_decode_layout_computes_the_same_network(kw):
   params = nnx.to_pure_dict(state)
   keys = iter(jax.random.split(jax.random.key(1), 64))  # perturb: zero-initialised biases/gates
   params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(next(keys), a.shape), params)
-  apply, dparams, dapply = transformer.apply_fn(graphdef), decode.layout(cfg, params), decode.apply_fn(cfg)
+  apply, dapply = transformer.apply_fn(graphdef), decode.apply_fn(cfg)
+  dparams = decode.layout(cfg, params)
   assert transformer.count_params(dparams) == transformer.count_params(params)
   x = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 20)), jnp.int32)
   t = jnp.array([0.3, 0.7]) if cfg.time_conditioning else None

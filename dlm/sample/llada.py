@@ -22,8 +22,9 @@ import jax.numpy as jnp
 from dlm.errors import UserError
 
 Array = jax.Array
-# logits(x [B, L], attention_mask [B, L] or None) -> float32 [B, L, V], aligned (row i predicts token i)
-Logits = Callable[[Array, Array], Array]
+# logits(x [B, L], attention_mask [B, L] or None) -> float32 [B, L, V], aligned (row i
+# predicts token i)
+Logits = Callable[[Array, Array | None], Array]
 
 
 @flax.struct.dataclass

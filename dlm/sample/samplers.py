@@ -33,7 +33,7 @@ class SamplerState:
   rng: Array  # key
   step: Array  # int32 [], steps taken
   nfe: Array  # int32 [], denoiser calls
-  logits: Array | None = None  # float32 [B, L, V]: the last call's, kept when the denoiser ignores t
+  logits: Array | None = None  # float32 [B, L, V]: the last call's (denoisers that ignore t)
   logits_x: Array | None = None  # int32 [B, L]: the x those logits were computed from
 
 
