@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import dlm
-from dlm.models import decode, transformer
+from dlm.models import decode, layers, transformer
 from dlm.sample import llada
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -23,7 +23,9 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
     dict(tie_embeddings=True, shift_logits=True),
     dict(time_conditioning=True, mlp_dim=96),
 ], ids=["plain", "gqa_bias_cumsum", "tied_shifted", "time_conditioned"])
-def test_decode_layout_computes_the_same_network(kw):
+@pytest.mark.parametrize("few_rows", [layers.FEW_ROWS, 0], ids=["transposed", "row_major"])
+def test_decode_layout_computes_the_same_network(kw, few_rows, monkeypatch):
+  monkeypatch.setattr(layers, "FEW_ROWS", few_rows)  # passes of <= FEW_ROWS rows: (w @ x.T).T
   cfg = transformer.ModelConfig(vocab_size=40, d_model=64, num_layers=3, num_heads=4, **kw)
   graphdef, state = nnx.split(transformer.init_model(cfg, 0))
   params = nnx.to_pure_dict(state)
@@ -66,3 +68,20 @@ def test_a_sampler_compiles_once_per_knobs():
   c = llada.run(m, np.array([[5, 6, 7]]), **knobs)
   assert len(m.__dict__["_jitted"]) == 3
   np.testing.assert_array_equal(np.asarray(c.x), np.asarray(a.x))
+
+
+def test_sampling_params_are_converted_once_and_follow_new_weights():
+  m = dlm.from_pretrained(FIXTURES / "llada-tiny")
+  knobs = dict(steps=4, gen_length=8, block_length=4)
+  a = llada.run(m, np.array([[5, 6, 7]]), **knobs)
+  kept = m.sampling_params()
+  assert decode.is_decode_layout(kept) and m.sampling_params() is kept
+  assert decode.layout(m.model_cfg, kept) is kept  # prepare passes it through
+  m.params = jax.tree.map(lambda w: -w, m.params)  # new weights: converted again
+  assert m.sampling_params() is not kept
+  b = llada.run(m, np.array([[5, 6, 7]]), **knobs)
+  m.keep_sampling_params = False  # converted inside each call instead
+  assert m.sampling_params() is m.params
+  np.testing.assert_array_equal(np.asarray(llada.run(m, np.array([[5, 6, 7]]), **knobs).x),
+                                np.asarray(b.x))
+  assert not np.array_equal(np.asarray(a.x), np.asarray(b.x))

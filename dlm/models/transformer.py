@@ -113,15 +113,17 @@ class Block(nnx.Module):
 
   def __call__(self, x: Array, positions: Array, mask: tuple[Array | None, Array | None],
                c: Array | None,
-               kv: tuple[Array, Array, Array] | None = None) -> tuple[Array, Array, Array]:
+               kv: tuple[Array, Array, Array] | None = None,
+               rotations: tuple[Any, Any] | None = None) -> tuple[Array, Array, Array]:
     """-> (x, this layer's pre-RoPE keys, values for x's positions)."""
     if self.ada is not None:
       s1, sc1, g1, s2, sc2, g2 = self.ada(c)
-      a, k, v = self.attn(layers.modulate(self.attn_norm(x), s1, sc1), positions, mask, kv)
+      a, k, v = self.attn(layers.modulate(self.attn_norm(x), s1, sc1), positions, mask, kv,
+                          rotations)
       x = x + g1.astype(x.dtype) * a
       x = x + g2.astype(x.dtype) * self.mlp(layers.modulate(self.mlp_norm(x), s2, sc2))
     else:
-      a, k, v = self.attn(self.attn_norm(x), positions, mask, kv)
+      a, k, v = self.attn(self.attn_norm(x), positions, mask, kv, rotations)
       x = x + a
       x = x + self.mlp(self.mlp_norm(x))
     return constrain(x, ("batch", "length", "embed")), k, v
@@ -176,9 +178,17 @@ class Transformer(nnx.Module):
     if positions is None and attention_mask is not None and cfg.pad_positions == "cumsum":
       real = attention_mask.astype(jnp.int32)
       positions = jnp.where(real > 0, jnp.cumsum(real, axis=-1) - 1, 1)
+    rotations = None
     if positions is None:
       offset = 0 if cache_start is None else cache_start
       positions = jnp.broadcast_to(offset + jnp.arange(l, dtype=jnp.int32), (b, l))
+      if self.decode:  # RoPE tables as constants (layers.rotation_table)
+        k_rot = layers.rotation_table(l if kv_cache is None else kv_cache.length, cfg.hd,
+                                      cfg.rope_theta)
+        q_rot = k_rot if kv_cache is None else tuple(
+            jax.lax.dynamic_slice_in_dim(a, offset, l, axis=1) for a in k_rot)
+        rotations = tuple(tuple(jnp.broadcast_to(a, (b, *a.shape[1:])) for a in r)
+                          for r in (q_rot, k_rot))
     mask = (segment_ids, attention_mask)
     if kv_cache is not None and (segment_ids is not None or attention_mask is not None
                                  or cfg.mask_kind != "bidirectional"):
@@ -199,7 +209,7 @@ class Transformer(nnx.Module):
       ks, vs = [], []
       for i, block in enumerate(self.blocks):
         kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], cache_start)
-        x, k, v = block(x, positions, mask, c, kv)
+        x, k, v = block(x, positions, mask, c, kv, rotations)
         ks.append(k)
         vs.append(v)
       new_cache = cache_lib.KVCache(k=jnp.stack(ks), v=jnp.stack(vs)) if return_kv else None
@@ -225,9 +235,11 @@ class Transformer(nnx.Module):
     if self.final_ada is not None:
       shift, scale = self.final_ada(c)
       h = layers.modulate(h, shift, scale)
-    if self.head is None or self.decode:
+    if self.decode:
       w = self.embed if self.head is None else self.head
-      logits = jnp.einsum("bld,vd->blv", h, w[...].astype(cfg.compute_dtype))
+      logits = layers.dense(h, w[...].astype(cfg.compute_dtype))
+    elif self.head is None:
+      logits = jnp.einsum("bld,vd->blv", h, self.embed[...].astype(cfg.compute_dtype))
     else:
       logits = jnp.einsum("bld,dv->blv", h, self.head[...].astype(cfg.compute_dtype))
     if cfg.shift_logits and not raw_logits:

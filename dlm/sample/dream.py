@@ -130,4 +130,4 @@ def run(model: Any, prompt: Any, attention_mask: Any = None, *, seed: int = 0,
   am = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   # params are an argument, not a closure: no weight constants baked into the program
   fn = model.jitted("dream", kw, build)
-  return fn(model.params, jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))
+  return fn(model.sampling_params(), jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))

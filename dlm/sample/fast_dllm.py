@@ -119,7 +119,7 @@ def run(model: Any, prompt: Any, **knobs: Any) -> FastState:
   kw.update(knobs)
   fn = model.jitted("fast_dllm", kw, lambda: lambda params, pr: generate(model, pr, params=params,
                                                                          **kw))
-  return fn(model.params, jnp.asarray(prompt, jnp.int32))
+  return fn(model.sampling_params(), jnp.asarray(prompt, jnp.int32))
 
 
 def unmasked_per_nfe(state: FastState) -> list[list[int]]:
