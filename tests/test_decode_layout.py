@@ -17,13 +17,13 @@ from dlm.sample import llada
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 
 
-@pytest.mark.parametrize("kw", [
-    dict(),
-    dict(num_kv_heads=2, qkv_bias=True, pad_positions="cumsum"),  # Dream-shaped
-    dict(tie_embeddings=True, shift_logits=True),
-    dict(time_conditioning=True, mlp_dim=96),
-], ids=["plain", "gqa_bias_cumsum", "tied_shifted", "time_conditioned"])
-@pytest.mark.parametrize("few_rows", [layers.FEW_ROWS, 0], ids=["transposed", "row_major"])
+@pytest.mark.parametrize("kw, few_rows", [
+    (dict(), layers.FEW_ROWS),
+    (dict(), 0),  # every matmul row-major (the passes here have <= FEW_ROWS rows)
+    (dict(num_kv_heads=2, qkv_bias=True, pad_positions="cumsum"), layers.FEW_ROWS),  # Dream
+    (dict(tie_embeddings=True, shift_logits=True), layers.FEW_ROWS),
+    (dict(time_conditioning=True, mlp_dim=96), layers.FEW_ROWS),
+], ids=["plain", "plain_row_major", "gqa_bias_cumsum", "tied_shifted", "time_conditioned"])
 def test_decode_layout_computes_the_same_network(kw, few_rows, monkeypatch):
   monkeypatch.setattr(layers, "FEW_ROWS", few_rows)  # passes of <= FEW_ROWS rows: (w @ x.T).T
   cfg = transformer.ModelConfig(vocab_size=40, d_model=64, num_layers=3, num_heads=4, **kw)
