@@ -48,7 +48,9 @@ def test_window_pass_on_a_fresh_cache_equals_the_full_forward(model):
   """With a cache filled from the same tokens, a window pass gives the full pass's logits."""
   x = jnp.asarray(np.random.default_rng(0).integers(3, 240, (2, 24)), jnp.int32)
   full, cache = model.apply(model.params, x, None, return_kv=True)
-  assert cache.k.shape[:3] == (model.model_cfg.num_layers, 2, 24)
+  cfg = model.model_cfg
+  assert cache.k.shape == cache.v.shape == (cfg.num_layers, 2, cfg.num_kv_heads or cfg.num_heads,
+                                            24, cfg.hd)
   win = model.apply(model.params, x[:, 8:16], None, kv_cache=cache, cache_start=jnp.int32(8))
   np.testing.assert_allclose(win, full[:, 8:16], atol=1e-4, rtol=0)
 

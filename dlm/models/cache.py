@@ -1,7 +1,8 @@
 """Key/value cache of the denoiser, for samplers that re-run only part of the sequence.
 
 A cache holds every layer's keys and values *before RoPE* (as Fast-dLLM caches
-them), stacked on the layer axis: k, v [layers, B, L, kv_heads, head_dim].  A
+them), stacked on the layer axis and heads-major: k, v [layers, B, kv_heads, L, head_dim]
+(a window pass attends without transposing them).  A
 full forward with ``return_kv=True`` fills it.  A forward over a window of W
 tokens at positions [start, start + W) (``kv_cache=cache, cache_start=start``)
 computes fresh keys/values for the window only, writes them over the cached
@@ -18,9 +19,9 @@ import jax
 
 @flax.struct.dataclass
 class KVCache:
-  k: jax.Array  # [layers, B, L, kv_heads, head_dim], pre-RoPE
+  k: jax.Array  # [layers, B, kv_heads, L, head_dim], pre-RoPE
   v: jax.Array
 
   @property
   def length(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]

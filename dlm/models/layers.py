@@ -82,15 +82,17 @@ def rotation_table(length: int, head_dim: int, theta: float) -> tuple[Array, Arr
 
 
 def rope(x: Array, positions: Array | None, theta: float, *,
-         cos_sin: tuple[Array, Array] | None = None) -> Array:
+         cos_sin: tuple[Array, Array] | None = None, heads_major: bool = False) -> Array:
   """Rotary embedding, rotate-half form (Su et al. 2021, eq. 34; LLaMA layout).
 
-  x: [B, L, N, H]; positions: [B, L] int, or ``cos_sin = rotation(positions, H, theta)``
-  computed once for all layers.  Dimension j pairs with j + H/2.
+  x: [B, L, N, H] ([B, N, L, H] if ``heads_major``); positions: [B, L] int, or
+  ``cos_sin = rotation(positions, H, theta)`` computed once for all layers.
+  Dimension j pairs with j + H/2.
   """
   h = x.shape[-1]
   cos, sin = rotation(positions, h, theta) if cos_sin is None else cos_sin
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  heads = (slice(None), None) if heads_major else (slice(None), slice(None), None)
+  cos, sin = cos[heads], sin[heads]
   x32 = x.astype(jnp.float32)
   x1, x2 = x32[..., : h // 2], x32[..., h // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -135,33 +137,38 @@ class Attention(nnx.Module):
   def __call__(self, x: Array, positions: Array, masks: tuple[Array | None, Array | None],
                kv: tuple[Array, Array, Array] | None = None,
                rotations: tuple[Any, Any] | None = None) -> tuple[Array, Array, Array]:
-    """-> (output [B, W, D], this call's pre-RoPE keys, values [B, W, kv, H]).
+    """-> (output [B, W, D], this call's pre-RoPE keys, values [B, kv, W, H] (heads-major,
+    as the cache holds them)).
 
     ``masks = (segment_ids, attention_mask)``, each [B, L] or None.  ``rotations``: the
     queries' and keys' ``rotation`` tables, computed once for all layers (decode layout).
 
-    ``kv = (k_all, v_all, start)``: cached pre-RoPE keys/values of all L
+    ``kv = (k_all, v_all, start)``: cached pre-RoPE keys/values [B, kv, L, H] of all L
     positions; x is the window [start, start + W), whose fresh keys replace
     the cached ones, and whose queries attend to all L keys (see cache.py).
     """
     dt = self.dtype
     q, k, v = self._qkv(x)
     q, k, v = (constrain(a, ("batch", "length", "heads", "kv")) for a in (q, k, v))
-    k_new, v_new = k, v
-    key_positions = positions
-    if kv is not None:
-      k_all, v_all, start = kv
-      k = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), start, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), start, axis=1)
-      key_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32),
-                                       (k.shape[0], k.shape[1]))
+    k_new, v_new = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     q_rot, k_rot = (None, None) if rotations is None else rotations
     q = rope(q, positions, self.rope_theta, cos_sin=q_rot)
-    k = rope(k.astype(dt), key_positions, self.rope_theta, cos_sin=k_rot)
-    segment_ids, attention_mask = masks
-    out = attention.attend(q, k, v.astype(dt), backend=self.backend, kind=self.mask_kind,
-                           block_size=self.block_size, segment_ids=segment_ids,
-                           attention_mask=attention_mask)  # scale 1/sqrt(H)
+    if kv is None:
+      k = rope(k.astype(dt), positions, self.rope_theta, cos_sin=k_rot)
+      segment_ids, attention_mask = masks
+      out = attention.attend(q, k, v.astype(dt), backend=self.backend, kind=self.mask_kind,
+                             block_size=self.block_size, segment_ids=segment_ids,
+                             attention_mask=attention_mask)  # scale 1/sqrt(H)
+    else:
+      k_all, v_all, start = kv
+      k = jax.lax.dynamic_update_slice_in_dim(k_all, k_new.astype(k_all.dtype), start, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(v_all, v_new.astype(v_all.dtype), start, axis=2)
+      if k_rot is None:
+        b, length = k.shape[0], k.shape[2]
+        key_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        k_rot = rotation(key_positions, self.head_dim, self.rope_theta)
+      k = rope(k.astype(dt), None, self.rope_theta, cos_sin=k_rot, heads_major=True)
+      out = attention.attend_cached(q, k, v.astype(dt))
     out = constrain(out, ("batch", "length", "heads", "kv"))
     if self.decode:
       out = dense(out.reshape(*out.shape[:2], -1), self.wo[...].astype(dt))
