@@ -163,10 +163,8 @@ class Attention(nnx.Module):
       k_all, v_all, start = kv
       k = jax.lax.dynamic_update_slice_in_dim(k_all, k_new.astype(k_all.dtype), start, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(v_all, v_new.astype(v_all.dtype), start, axis=2)
-      if k_rot is None:
-        b, length = k.shape[0], k.shape[2]
-        key_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        k_rot = rotation(key_positions, self.head_dim, self.rope_theta)
+      if k_rot is None:  # the cached keys sit at positions 0..L-1
+        k_rot = rotation_table(k.shape[2], self.head_dim, self.rope_theta)
       k = rope(k.astype(dt), None, self.rope_theta, cos_sin=k_rot, heads_major=True)
       out = attention.attend_cached(q, k, v.astype(dt))
     out = constrain(out, ("batch", "length", "heads", "kv"))
