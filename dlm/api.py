@@ -160,14 +160,26 @@ SAMPLER_NAMES = ("ancestral", "llada", "dream", "fast_dllm")
 
 def _is_hf_folder(path: pathlib.Path) -> bool:
   cfg = path / "config.json"
-  return cfg.is_file() and "model" not in json.loads(cfg.read_text())
+  if not cfg.is_file():
+    return False
+  try:
+    data = json.loads(cfg.read_bytes().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{cfg} is not JSON ({type(e).__name__}: {str(e)[:80]}); fix or replace the"
+                    " file") from None
+  if not isinstance(data, dict):
+    raise UserError(f"{cfg} is not a JSON object; give a Hugging Face model folder or a dlm workdir")
+  return "model" not in data
 
 
-def from_pretrained(path: str | pathlib.Path, *, dtype: str | None = "float32") -> DiffusionLM:
+def from_pretrained(path: str | pathlib.Path, *, dtype: str | None = "float32",
+                    trust_config_code: bool = False) -> DiffusionLM:
   """An HF folder (LLaDA / Dream: config.json + safetensors) or a dlm workdir -> ``DiffusionLM``.
 
   ``dtype``: the parameters' dtype in memory (None keeps the checkpoint's, e.g.
   bfloat16 for the released 8B models); compute runs in ``model.dtype``.
+  ``trust_config_code``: a workdir's ``config.json`` may name ``module:attr`` imports
+  (refused otherwise: a downloaded folder is data, never a program).
   """
   from dlm.convert import hf, workdir as convert_workdir
   from dlm.data import hf_tokenizer
@@ -180,10 +192,11 @@ def from_pretrained(path: str | pathlib.Path, *, dtype: str | None = "float32") 
     config = ml_collections.ConfigDict(convert_workdir.dlm_config(
         fam.name, model, hf_cfg, ids, str(path), str(params["embed"].dtype)))
   else:
-    config = ml_collections.ConfigDict(checkpoint.read_config(path))
+    config = ml_collections.ConfigDict(
+        checkpoint.read_config(path, trust_config_code=trust_config_code))
     if "hf" not in config:  # trained by dlm: its own loader (tokenizer, EMA weights)
       from dlm.workdir import load_run
-      run = load_run(path)
+      run = load_run(path, trust_config_code=trust_config_code)
       tok = run.tokenizer
       params = run.params if dtype is None else jax.tree.map(lambda x: jnp.asarray(x, dtype),
                                                              run.params)

@@ -3,12 +3,20 @@
 A config names an entry either by its registered name (``"masked"``) or by an
 import path to any module-level object (``"my_pkg.my_losses:my_elbo"``); the
 second form needs no change to dlm at all.
+
+Only what the user passes in this command (a recipe file, ``--config.*``, Python
+arguments) may name an import path.  A config read from a workdir, checkpoint or
+model folder is data: ``check_untrusted`` refuses every import path in it unless
+the user passes ``--trust_config_code`` (``trust_config_code=True`` in Python).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Generic, TypeVar
+import re
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from dlm.errors import UserError
 
 T = TypeVar("T")
 
@@ -54,3 +62,38 @@ class Registry(Generic[T]):
 
   def __contains__(self, name: str) -> bool:
     return name in self._entries
+
+
+# "pkg.mod:attr" (dotted identifiers on both sides): the form Registry.get imports.
+IMPORT_PATH = re.compile(r"\s*[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\s*:\s*[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\s*")
+TRUST_HINT = ("only registered names load from files; if you trust this file, pass"
+              " --trust_config_code (trust_config_code=True in Python)")
+
+
+def _strings(node: Any, path: str) -> Iterator[tuple[str, str]]:
+  if isinstance(node, dict):
+    for k, v in node.items():
+      yield from _strings(v, f"{path}.{k}" if path else str(k))
+  elif isinstance(node, (list, tuple)):
+    for i, v in enumerate(node):
+      yield from _strings(v, f"{path}[{i}]")
+  elif isinstance(node, str):
+    yield path, node
+
+
+def import_paths(config: Any) -> list[tuple[str, str]]:
+  """(field, value) of every string in ``config`` that names a ``module:attr`` import."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  return [(k, v) for k, v in _strings(config, "") if IMPORT_PATH.fullmatch(v)]
+
+
+def check_untrusted(config: Any, source: str, *, trust: bool = False) -> None:
+  """Refuses a loaded config (read from ``source``) that asks to import code, unless ``trust``."""
+  if trust:
+    return
+  found = import_paths(config)
+  if found:
+    field, value = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    raise UserError(f"{source} asks to import {value!r} at {field}{more}; refused: {TRUST_HINT}")

@@ -16,8 +16,9 @@ from dlm.workdir import load_run
 
 
 def evaluate_workdir(workdir: str | pathlib.Path, *, max_rows: int | None = None,
-                     num_passes: int | None = None) -> dict[str, Any]:
-  run = load_run(workdir)
+                     num_passes: int | None = None,
+                     trust_config_code: bool = False) -> dict[str, Any]:
+  run = load_run(workdir, trust_config_code=trust_config_code)
   ec = run.config.eval
   max_rows = int(ec.max_rows) if max_rows is None else max_rows
   rows, meta = inputs.validation_rows(run.config.data, workdir, max_rows)

@@ -8,11 +8,14 @@ Layout of a workdir::
                          optimizer, EMA, RNG, non-finite counters), ``data`` (iterator state)
                          and ``meta`` (the config and the tokenizer file, so one checkpoint
                          directory is a whole model)
+  checkpoints/<step>/dlm_digest.json   sha256 of every file of the step, written after it commits
   checkpoints_unreadable/<step>/   checkpoints that failed to restore, moved aside (never deleted)
 
 The last ``max_to_keep`` checkpoints are kept, and also the one with the lowest
 validation loss.  A save that fails warns and training goes on; a checkpoint
-that cannot be read is moved aside with a warning and the previous one is used.
+that cannot be read, or whose files no longer match their digests, is moved
+aside with a warning and the previous one is used: by ``dlm train``, and by the
+readers (``dlm sample``, ``dlm eval``, ``from_pretrained``) alike.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 import pathlib
+import threading
 import time
 import warnings
 from typing import Any
@@ -30,10 +34,19 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dlm import registry
+from dlm.errors import UserError
+
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 UNREADABLE = "checkpoints_unreadable"
 ITEMS = ("state", "data", "meta")
+DIGEST_FILE = "dlm_digest.json"
+_CHUNK = 8 << 20
+
+
+class CorruptCheckpoint(ValueError):
+  """A checkpoint's files do not match the digests recorded when it was saved."""
 
 
 class CheckpointWarning(UserWarning):
@@ -90,15 +103,105 @@ def tokenizer_bytes(meta: dict[str, Any]) -> bytes:
   return raw
 
 
-def wait(mngr: ocp.CheckpointManager) -> bool:
-  """Waits for the pending async save; a failed one is a warning.  Returns whether it succeeded."""
+def _files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != DIGEST_FILE
+                and not p.is_symlink())
+
+
+def _sha256(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def write_digest(step_dir: str | os.PathLike) -> pathlib.Path:
+  """Records the sha256 of every file of a committed step in ``<step>/dlm_digest.json``."""
+  step_dir = pathlib.Path(step_dir)
+  digests = {str(p.relative_to(step_dir)): _sha256(p) for p in _files(step_dir)}
+  out = step_dir / DIGEST_FILE
+  tmp = step_dir / (DIGEST_FILE + ".tmp")
+  tmp.write_text(json.dumps({"algorithm": "sha256", "files": digests}, indent=1, sort_keys=True))
+  os.replace(tmp, out)
+  return out
+
+
+def verify(step_dir: str | os.PathLike) -> bool:
+  """Checks a step's files against its digest; False if it has none (saved before digests).
+
+  Raises ``CorruptCheckpoint`` naming the first file that is missing, extra or changed.
+  """
+  step_dir = pathlib.Path(step_dir)
+  path = step_dir / DIGEST_FILE
+  if not path.is_file():
+    return False
+  try:
+    recorded = json.loads(path.read_bytes().decode("utf-8"))["files"]
+    assert isinstance(recorded, dict)
+  except Exception:  # noqa: BLE001
+    raise CorruptCheckpoint(f"{path} is garbled") from None
+  present = {str(p.relative_to(step_dir)) for p in _files(step_dir)}
+  for name in sorted(set(recorded) - present):
+    raise CorruptCheckpoint(f"{step_dir / name} is missing")
+  for name in sorted(present - set(recorded)):
+    raise CorruptCheckpoint(f"{step_dir / name} was not part of the saved checkpoint")
+  for name in sorted(recorded):
+    if _sha256(step_dir / name) != recorded[name]:
+      raise CorruptCheckpoint(f"{step_dir / name} does not match its sha256 digest")
+  return True
+
+
+def _digest_new_steps(directory: pathlib.Path) -> None:
+  for step_dir in sorted(directory.iterdir()) if directory.is_dir() else []:
+    if step_dir.name.isdigit() and not (step_dir / DIGEST_FILE).exists():
+      try:
+        write_digest(step_dir)
+      except OSError as e:  # a step deleted by the keep policy meanwhile, a full disk
+        if step_dir.exists():
+          _warn(f"could not record the digest of {step_dir} ({e}); it restores unverified")
+
+
+_DIGESTS: dict[int, threading.Thread] = {}
+
+
+def _join_digests(mngr: ocp.CheckpointManager) -> None:
+  thread = _DIGESTS.pop(id(mngr), None)
+  if thread is not None:
+    thread.join()
+
+
+def wait(mngr: ocp.CheckpointManager, *, digest_in_background: bool = True) -> bool:
+  """Waits for the pending async save; a failed one is a warning.  Returns whether it succeeded.
+
+  Then records the digests of newly committed steps (process 0), in a thread that
+  the next ``wait``/``close`` joins, so hashing a large checkpoint overlaps training.
+  """
   try:
     mngr.wait_until_finished()
-    return True
+    ok = True
   except Exception as e:  # noqa: BLE001  (any I/O error of the background save)
     _warn(f"saving a checkpoint failed in the background ({type(e).__name__}: {e});"
           " training goes on and the previous checkpoints are intact")
-    return False
+    ok = False
+  _join_digests(mngr)
+  if jax.process_index() == 0:
+    directory = pathlib.Path(str(mngr.directory))
+    if digest_in_background:
+      thread = threading.Thread(target=_digest_new_steps, args=(directory,), daemon=False,
+                                name="dlm-checkpoint-digest")
+      _DIGESTS[id(mngr)] = thread
+      thread.start()
+    else:
+      _digest_new_steps(directory)
+  return ok
+
+
+def close(mngr: ocp.CheckpointManager) -> bool:
+  """Finishes the pending save and its digests, then closes the manager."""
+  ok = wait(mngr, digest_in_background=False)
+  mngr.close()
+  return ok
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
@@ -133,7 +236,7 @@ def save_host_arrays(workdir: str | os.PathLike, state: Any, meta: dict[str, Any
   try:
     return save(mngr, 0, state, {}, meta, _host_arrays=True) and wait(mngr)
   finally:
-    mngr.close()
+    close(mngr)
 
 
 def _restore_step(mngr: ocp.CheckpointManager, step: int,
@@ -173,16 +276,42 @@ def resume(workdir: str | os.PathLike, abstract_state: Any, **manager_kw: Any
   mngr = manager(workdir, **manager_kw)
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
+      _checked(workdir, step)
       state, data_state, _ = _restore_step(mngr, step, abstract_state)
       return mngr, step, state, data_state
-    except Exception as e:  # noqa: BLE001  (truncated, garbled or missing files)
+    except Exception as e:  # noqa: BLE001  (truncated, garbled, changed or missing files)
       mngr.close()
       dst = _move_aside(workdir, step)
-      _warn(f"checkpoint {workdir / CHECKPOINTS / str(step)} is unreadable"
-            f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); moved it to"
-            f" {dst} and falling back to the previous checkpoint")
+      _warn(f"checkpoint {workdir / CHECKPOINTS / str(step)} is unreadable ({_reason(e)});"
+            f" moved it to {dst} and falling back to the previous checkpoint")
       mngr = manager(workdir, **manager_kw)
   return mngr, None, None, None
+
+
+def _reason(e: Exception) -> str:
+  text = str(e).splitlines()[0] if str(e) else ""
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+def _checked(workdir: pathlib.Path, step: int) -> None:
+  """Verifies ``step``'s digest on process 0 (the others follow its verdict)."""
+  step_dir = pathlib.Path(workdir) / CHECKPOINTS / str(step)
+  error = ""
+  verified = False
+  if jax.process_index() == 0:
+    try:
+      verified = verify(step_dir)
+    except (CorruptCheckpoint, OSError) as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    bad = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+    error = error or ("corrupt on process 0" if int(bad) else "")
+  if error:
+    raise CorruptCheckpoint(error)
+  if not verified and jax.process_index() == 0:
+    _warn(f"{step_dir} has no {DIGEST_FILE} (saved before dlm recorded digests, or stopped"
+          " before writing it); restoring it unverified")
 
 
 def _reader(workdir: str | os.PathLike) -> ocp.CheckpointManager:
@@ -199,18 +328,52 @@ def restore_params(workdir: str | os.PathLike, abstract_params: Any, step: int |
   """Only the parameters (or their EMA) of the newest (or given) checkpoint, for sampling and eval."""
   ckpt_dir = pathlib.Path(workdir) / CHECKPOINTS
   mngr = _reader(workdir) if ckpt_dir.is_dir() else None
-  step = (mngr.latest_step() if mngr else None) if step is None else step
-  if step is None:
+  steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True) if mngr else []
+  if not steps:
     raise FileNotFoundError(
         f"no checkpoint in {ckpt_dir}; train first with"
         f" `dlm train --config=... --workdir={workdir}`")
   key = "ema_params" if ema else "params"
+  for s in steps:
+    try:
+      _checked(pathlib.Path(workdir), s)
+      return s, _restore_params_step(mngr, s, key, abstract_params)
+    except Exception as e:  # noqa: BLE001  (truncated, garbled, changed or missing files)
+      if step is not None:  # the user asked for this one
+        raise UserError(f"checkpoint {ckpt_dir / str(s)} is unreadable ({_reason(e)}); pick"
+                        " another step or restore the files") from None
+      where = _set_aside(pathlib.Path(workdir), s)
+      _warn(f"checkpoint {ckpt_dir / str(s)} is unreadable ({_reason(e)}); {where}, falling"
+            " back to the previous checkpoint")
+      mngr.close()
+      mngr = _reader(workdir)
+  raise UserError(f"no readable checkpoint in {ckpt_dir} (all {len(steps)} failed, see the"
+                  f" warnings); retrain, or restore the files from {workdir / UNREADABLE}")
+
+
+def _restore_params_step(mngr: ocp.CheckpointManager, step: int, key: str,
+                         abstract_params: Any) -> Any:
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
           item={key: abstract_params},
           restore_args=ocp.checkpoint_utils.construct_restore_args({key: abstract_params}),
           partial_restore=True), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-  return step, out["state"][key]
+  if not isinstance(out["data"], dict) or not isinstance(out["meta"], dict):
+    raise ValueError("the data or meta item is missing")
+  if key not in out["state"]:
+    raise ValueError(f"the state item has no {key}")
+  return out["state"][key]
+
+
+def _set_aside(workdir: pathlib.Path, step: int) -> str:
+  """A reader moves an unreadable checkpoint aside as train does, unless a writer is at work."""
+  from dlm import lock
+  if lock.is_held(workdir):
+    return "left in place (a writer holds the workdir)"
+  try:
+    return f"moved it to {_move_aside(workdir, step)}"
+  except OSError as e:
+    return f"left in place ({e.strerror})"
 
 
 def has_ema(workdir: str | os.PathLike, step: int | None = None) -> bool:
@@ -232,10 +395,19 @@ def write_config(workdir: str | os.PathLike, config_dict: dict[str, Any]) -> Non
   os.replace(tmp, path)
 
 
-def read_config(workdir: str | os.PathLike) -> dict[str, Any]:
+def read_config(workdir: str | os.PathLike, *, trust_config_code: bool = False) -> dict[str, Any]:
+  """A workdir's ``config.json``: data, so a ``module:attr`` name in it is refused unless trusted."""
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: {workdir} is not a dlm workdir; train one with"
         f" `dlm train --config=configs/quickstart.py --workdir={workdir}`")
-  return json.loads(path.read_text())
+  try:
+    config = json.loads(path.read_bytes().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{path} is not a JSON config ({type(e).__name__}: {str(e)[:80]}); restore it"
+                    " from the checkpoint's meta item or retrain") from None
+  if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+    raise UserError(f"{path} is not a dlm config (no 'model' section); point at a dlm workdir")
+  registry.check_untrusted(config, str(path), trust=trust_config_code)
+  return config

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import shutil
@@ -16,7 +15,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from dlm import distributed, losses, parallel, processes
+from dlm import distributed, lock, losses, parallel, processes
 from dlm.data import inputs, pipeline
 from dlm.errors import UserError
 from dlm.eval import elbo
@@ -25,7 +24,7 @@ from dlm.train import checkpoint, metrics as metrics_lib, optim, preemption
 from dlm.train import state as state_lib, step as step_lib
 
 # Config entries that fix the shapes of what is saved in a workdir.
-_SHAPE_KEYS = ("model", "process", "data.vocab_size", "data.source")
+_SHAPE_KEYS = ("model", "process", "data.vocab_size", "data.source", "data.seq_len")
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -50,7 +49,8 @@ def check_compatible(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
   path = workdir / checkpoint.CONFIG_FILE
   if not path.exists():
     return
-  saved, new = json.loads(path.read_text()), config.to_dict()
+  # compared, never resolved: the recipe given now names what runs
+  saved, new = checkpoint.read_config(workdir, trust_config_code=True), config.to_dict()
   for key in _SHAPE_KEYS:
     a, b = _get(saved, key), _get(new, key)
     if key == "model":
@@ -80,7 +80,7 @@ def _warm_start_params(init_from: str | pathlib.Path, config: ml_collections.Con
   if not (src / checkpoint.CONFIG_FILE).exists():
     raise UserError(f"--init_from={init_from} is not a dlm workdir (no {checkpoint.CONFIG_FILE});"
                     " point it at a trained run's --workdir")
-  saved, new = json.loads((src / checkpoint.CONFIG_FILE).read_text()), config.to_dict()
+  saved, new = checkpoint.read_config(src, trust_config_code=True), config.to_dict()
   for key in ("model", "data.vocab_size"):
     if _model_fields(_get(saved, key)) != _model_fields(_get(new, key)):
       raise UserError(f"--init_from={init_from} holds a different model ({key}: {_get(saved, key)!r}"
@@ -152,8 +152,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   (optimizer, step and data order start afresh); ignored when resuming.
   """
   workdir = pathlib.Path(workdir)
+  check_train_config(config)
   check_compatible(workdir, config)
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create --workdir={workdir} ({e.strerror}); pick a writable"
+                    " location") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f"--workdir={workdir} is not writable; fix its permissions or pick another")
+  if jax.process_index() != 0:  # process 0 holds the writer lock for the job
+    return _train(config, workdir, init_from)
+  with lock.hold(workdir, "dlm train"):
+    return _train(config, workdir, init_from)
+
+
+def check_train_config(config: ml_collections.ConfigDict) -> None:
+  """The loop's counts and periods, checked before anything is written."""
+  tc = config.train
+  for key in ("steps", "log_every", "eval_every", "checkpoint_every", "batch_size",
+              "max_to_keep"):
+    if key not in tc:
+      continue
+    value = tc[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise UserError(f"train.{key}={value!r} must be an integer >= 1; fix --config.train.{key}")
+  if not float(tc.get("time_limit_s", 0.0)) >= 0:
+    raise UserError(f"train.time_limit_s={tc.time_limit_s!r} must be >= 0 (0 = no limit)")
+  seq_len = config.data.get("seq_len")
+  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+    raise UserError(f"data.seq_len={seq_len!r} must be an integer >= 1; fix --config.data.seq_len")
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+           init_from: str | pathlib.Path | None) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   tc = config.train
   ema_decay = float(tc.get("ema_decay", 0.0))
@@ -302,8 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                          save=lambda: True, step_now=step)
   finally:
     bar.close()
-    checkpoint.wait(mngr)
-    mngr.close()
+    checkpoint.close(mngr)
     watchdog.stop()
     writer.close()
   result = {"step": step, "loss": float(last.get("loss", float("nan"))),
