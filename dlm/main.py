@@ -82,6 +82,12 @@ def _define_compile_flags() -> None:
   flags.DEFINE_float("margin", 0.1, "HBM headroom required to report that the program fits.")
 
 
+def _define_trust_flag() -> None:
+  flags.DEFINE_bool("trust_config_code", False,
+                    "Let the loaded workdir's config.json name module:attr imports (it runs their"
+                    " code); without it only registered names load from files.")
+
+
 def _define_eval_flags() -> None:
   flags.DEFINE_string("workdir", None, "A trained run's directory.")
   flags.DEFINE_integer("max_rows", None, "Evaluate at most this many validation rows (0 = all).")
@@ -113,10 +119,13 @@ def cmd_sample() -> None:
   from dlm.sample import generate
   from dlm.workdir import is_imported, load_imported, load_run
   f = flags.FLAGS
+  trust = f.trust_config_code
   if f.hf:
-    run = load_imported(f.hf)
+    run = load_imported(f.hf, trust_config_code=trust)
+  elif is_imported(_workdir(), trust_config_code=trust):
+    run = load_imported(_workdir(), trust_config_code=trust)
   else:
-    run = load_imported(_workdir()) if is_imported(_workdir()) else load_run(_workdir())
+    run = load_run(_workdir(), trust_config_code=trust)
   if run.tokenizer is None:
     raise UserError(f"{f.hf or f.workdir} has no tokenizer.json; dlm sample needs it to read"
                     " --prompt: copy the model's tokenizer files there")
@@ -200,7 +209,8 @@ def _sample_with(sampler: str, run, prompt: str | None, length: int, temperature
 def cmd_eval() -> None:
   from dlm.eval import run_eval
   f = flags.FLAGS
-  result = run_eval.evaluate_workdir(_workdir(), max_rows=f.max_rows, num_passes=f.num_passes)
+  result = run_eval.evaluate_workdir(_workdir(), max_rows=f.max_rows, num_passes=f.num_passes,
+                                     trust_config_code=f.trust_config_code)
   print(json.dumps(result))
 
 
@@ -272,11 +282,11 @@ def cmd_export() -> None:
 
 _COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "train": (_define_train_flags, cmd_train),
-    "sample": (_define_sample_flags, cmd_sample),
-    "eval": (_define_eval_flags, cmd_eval),
+    "sample": (lambda: (_define_sample_flags(), _define_trust_flag()), cmd_sample),
+    "eval": (lambda: (_define_eval_flags(), _define_trust_flag()), cmd_eval),
     "plot": (_define_plot_flags, cmd_plot),
     "convert": (_define_convert_flags, cmd_convert),
-    "export": (_define_export_flags, cmd_export),
+    "export": (lambda: (_define_export_flags(), _define_trust_flag()), cmd_export),
     "tokenizer": (_define_tokenizer_flags, cmd_tokenizer),
     "compile": (_define_compile_flags, cmd_compile),
 }
