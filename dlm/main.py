@@ -59,6 +59,8 @@ def _define_sample_flags() -> None:
   flags.DEFINE_string("prompt", None, "Fixed prefix; the rest of the row is generated.")
   flags.DEFINE_string("infill", None, "Template with <gap> or <gap:N> markers to fill.")
   flags.DEFINE_integer("num_samples", None, "Number of samples (default: config.sample).")
+  flags.DEFINE_integer("batch_size", None, "Samples generated at once; a progress bar counts the"
+                       " batches (default: config.sample.batch_size, else 16).")
   flags.DEFINE_integer("steps", None, "Denoising steps (default: config.sample).")
   flags.DEFINE_integer("seed", None, "Sampling seed (default: config.sample).")
   flags.DEFINE_float("temperature", None, "Softmax temperature; 0 = argmax.")
@@ -119,6 +121,21 @@ def cmd_sample() -> None:
   from dlm.sample import generate
   from dlm.workdir import is_imported, load_imported, load_run
   f = flags.FLAGS
+  # every value given on the command line, checked before anything loads
+  for name in ("steps", "num_samples", "batch_size", "length", "block_length", "max_new_tokens",
+               "top_k", "gap_length"):
+    if f[name].value is not None:
+      generate.check_count(f"--{name}", f[name].value, f"pass --{name}=1 or more, or leave it out")
+  inf = float("inf")
+  for name, high, low_open in (("temperature", inf, False), ("top_p", 1.0, True),
+                               ("cfg_scale", inf, False), ("threshold", 1.0, False)):
+    if f[name].value is not None:
+      generate.check_real(f"--{name}", f[name].value, high=high, low_open=low_open)
+  prompt = generate.check_text("--prompt", f.prompt)
+  if generate.check_text("--infill", f.infill):
+    if f.chat:
+      raise _usage("--chat wraps --prompt in the chat template; drop --infill or --chat")
+    generate.parse_template(f.infill, gap_length=f.gap_length)  # strict markers, before loading
   trust = f.trust_config_code
   if f.hf:
     run = load_imported(f.hf, trust_config_code=trust)
@@ -129,56 +146,70 @@ def cmd_sample() -> None:
   if run.tokenizer is None:
     raise UserError(f"{f.hf or f.workdir} has no tokenizer.json; dlm sample needs it to read"
                     " --prompt: copy the model's tokenizer files there")
-  prompt = f.prompt
   if f.chat:
-    prompt = run.tokenizer.apply_chat_template([{"role": "user", "content": f.prompt or ""}])
+    if not callable(getattr(run.tokenizer, "apply_chat_template", None)):
+      raise UserError(f"{f.hf or f.workdir} has no chat template (its tokenizer is dlm's"
+                      " sentencepiece model): drop --chat")
+    prompt = run.tokenizer.apply_chat_template([{"role": "user", "content": prompt or ""}])
   sc = run.config.sample
-  length = f.length or int(sc.get("length", 0)) or int(run.config.data.seq_len)
-  temperature = sc.temperature if f.temperature is None else f.temperature
-  top_p = sc.top_p if f.top_p is None else f.top_p
-  if temperature < 0 or not 0 < top_p <= 1:
-    raise _usage(f"need --temperature >= 0 and 0 < --top_p <= 1, got {temperature}, {top_p}")
+  length = generate.pick_count("length", f.length,
+                               sc.get("length") or run.config.data.seq_len)  # config 0: seq_len
+  temperature = generate.check_real(
+      "--temperature" if f.temperature is not None else "config.sample.temperature",
+      sc.temperature if f.temperature is None else f.temperature)
+  top_p = generate.check_real("--top_p" if f.top_p is not None else "config.sample.top_p",
+                              sc.top_p if f.top_p is None else f.top_p, high=1.0, low_open=True)
   sampler = f.sampler or sc.sampler
   if sampler != "ancestral":
-    return _sample_with(sampler, run, prompt, length, float(temperature), float(top_p))
+    return _sample_with(sampler, run, prompt, length, temperature, top_p)
   if f.trajectory:
     raise _usage("--trajectory needs --sampler=llada|dream|fast_dllm")
   given, fixed = generate.build_template(run.tokenizer, length=length, prompt=prompt,
                                          infill=f.infill, gap_length=f.gap_length)
   from dlm.models import decode
   prepare, apply = decode.for_sampling(run.model_cfg, run.apply)
-  tokens, nfe = generate.sample_tokens(
+  batches = generate.sample_batches(
       apply, run.process, given, fixed, params=run.params, prepare=prepare,
-      num_samples=f.num_samples or int(sc.num_samples),
-      seed=sc.seed if f.seed is None else f.seed, sampler=sc.sampler,
-      steps=f.steps or int(sc.steps), temperature=float(temperature), top_p=float(top_p),
-      denoiser_uses_t=run.model_cfg.time_conditioning)
-  for i, text in enumerate(generate.decode_samples(run.tokenizer, tokens)):
-    print(f"===== sample {i} (step {run.step}, nfe {nfe}) =====")
-    print(text)
+      num_samples=generate.pick_count("num_samples", f.num_samples, sc.num_samples),
+      batch_size=generate.pick_count("batch_size", f.batch_size, sc.get("batch_size", 16)),
+      seed=sc.seed if f.seed is None else f.seed, sampler=sampler,
+      steps=generate.pick_count("steps", f.steps, sc.steps), temperature=temperature,
+      top_p=top_p, denoiser_uses_t=run.model_cfg.time_conditioning)
+  for start, tokens, nfe in batches:  # each batch printed as it finishes
+    for i, text in enumerate(generate.decode_samples(run.tokenizer, tokens), start):
+      generate.emit(f"===== sample {i} (step {run.step}, nfe {nfe}) =====\n{text}")
 
 
 def _sample_with(sampler: str, run, prompt: str | None, length: int, temperature: float,
                  top_p: float) -> None:
-  """`dlm sample --sampler=llada|dream|fast_dllm`: prompt + generation, stop at EOS, trimmed."""
+  """`dlm sample --sampler=llada|dream|fast_dllm`: prompt + generation, stop at EOS, trimmed.
+
+  The samples run in batches of --batch_size (one compiled program; the last batch is run
+  full and cut), each printed as it finishes, with a progress bar on stderr.
+  """
   import numpy as np
   from dlm import api
+  from dlm.errors import UserError
   from dlm.sample import generate, trajectory
   f = flags.FLAGS
   if f.infill:
     raise _usage("--infill needs --sampler=ancestral; llada, dream and fast_dllm continue a --prompt")
+  if sampler not in ("llada", "dream", "fast_dllm"):
+    raise UserError(f"config.sample.sampler={sampler!r} is not ancestral, llada, dream or"
+                    " fast_dllm: pass --sampler")
   tok = run.tokenizer
   ids = tok.encode(prompt or "")
   if not ids:
     ids = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
-  new = f.max_new_tokens or (length - len(ids))
+  new = f.max_new_tokens if f.max_new_tokens is not None else length - len(ids)
   if new < 1:
     raise _usage(f"--prompt is {len(ids)} tokens, no room in --length={length}; raise --length")
   ids_map = {"mask": tok.mask_id, "eos": tok.eos_id, "pad": tok.pad_id, "bos": tok.bos_id}
   model = api.DiffusionLM(config=run.config, model_cfg=run.model_cfg, params=run.params,
                           ids=ids_map, tokenizer=tok, apply=run.apply)
-  steps = f.steps or int(run.config.sample.steps)
-  block = f.block_length or new
+  sc = run.config.sample
+  steps = generate.pick_count("steps", f.steps, sc.steps)
+  block = f.block_length if f.block_length is not None else new
   knobs = {
       "llada": dict(steps=steps, gen_length=new, block_length=block, temperature=temperature,
                     cfg_scale=f.cfg_scale, remasking=f.remasking),
@@ -188,22 +219,26 @@ def _sample_with(sampler: str, run, prompt: str | None, length: int, temperature
                         use_cache=f.use_cache),
   }[sampler]
   from dlm.sample import dream, fast_dllm, llada
-  prompt_ids = np.array([ids] * (f.num_samples or int(run.config.sample.num_samples)), np.int32)
-  seed = run.config.sample.seed if f.seed is None else f.seed
-  if sampler == "llada":
-    st = llada.run(model, prompt_ids, seed=seed, **knobs)
-  elif sampler == "dream":
-    st = dream.run(model, prompt_ids, seed=seed, **knobs)
-  else:
-    st = fast_dllm.run(model, prompt_ids, **knobs)
-  nfe = int(st.nfe) if hasattr(st, "nfe") else int(st.step)
-  tokens = np.asarray(st.x)
-  for i, text in enumerate(generate.decode_samples(tok, tokens)):
-    print(f"===== sample {i} ({sampler}, nfe {nfe}) =====")
-    print(text)
-  if f.trajectory:
-    at = np.asarray(st.committed_at)[0]
-    print(trajectory.write(f.trajectory, tok, tokens[0], at, nfe))
+  num = generate.pick_count("num_samples", f.num_samples, sc.num_samples)
+  size = min(generate.pick_count("batch_size", f.batch_size, sc.get("batch_size", 16)), num)
+  prompt_ids = np.array([ids] * size, np.int32)
+  seed = sc.seed if f.seed is None else f.seed
+  first = None  # (tokens, committed_at, nfe) of sample 0, for --trajectory
+  for b, start, rows in generate.progress_batches(num, size):
+    if sampler == "llada":
+      st = llada.run(model, prompt_ids, seed=generate.batch_seed(seed, b), **knobs)
+    elif sampler == "dream":
+      st = dream.run(model, prompt_ids, seed=generate.batch_seed(seed, b), **knobs)
+    else:
+      st = fast_dllm.run(model, prompt_ids, **knobs)
+    nfe = int(st.nfe) if hasattr(st, "nfe") else int(st.step)
+    tokens = np.asarray(st.x)[:rows]
+    for i, text in enumerate(generate.decode_samples(tok, tokens), start):
+      generate.emit(f"===== sample {i} ({sampler}, nfe {nfe}) =====\n{text}")
+    if first is None and f.trajectory:
+      first = (tokens[0], np.asarray(st.committed_at)[0], nfe)
+  if first is not None:
+    print(trajectory.write(f.trajectory, tok, *first))
 
 
 def cmd_eval() -> None:

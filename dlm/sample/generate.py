@@ -2,18 +2,89 @@
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from dlm.errors import UserError
 from dlm.sample import samplers
 
 GAP = re.compile(r"<gap(?::(\d+))?>")
+GAP_START = re.compile(r"<gap(?![A-Za-z_])")  # a marker begins here ("<gaps>" is plain text)
 GAP_HELP = "mark each span to generate with <gap> (default length) or <gap:N> (N tokens)"
+MAX_GAP_DIGITS = 18
+
+
+def check_count(where: str, value: Any, fix: str) -> int:
+  """``value`` as an integer >= 1, else one line naming ``where`` (flag or config key), ``fix``."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise UserError(f"{where}={value!r}: need an integer >= 1; {fix}")
+  return int(value)
+
+
+def pick_count(name: str, flag: int | None, default: Any) -> int:
+  """``--name`` when given, else the config's ``default``; either must be >= 1."""
+  if flag is not None:
+    return check_count(f"--{name}", flag, f"pass --{name}=1 or more, or leave it out")
+  return check_count(f"config.sample.{name}", default, f"pass --{name}=N")
+
+
+def check_real(where: str, value: Any, *, low: float = 0.0, high: float = math.inf,
+               low_open: bool = False) -> float:
+  """``value`` as a finite float in [low, high] ((low, high] with ``low_open``), or one line."""
+  ok = isinstance(value, (int, float)) and math.isfinite(value) and value <= high and (
+      value > low if low_open else value >= low)
+  if not ok:
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+    raise UserError(f"{where}={value!r}: need a finite number in {span}")
+  return float(value)
+
+
+def check_text(where: str, text: str | None) -> str | None:
+  """``text`` if it is valid UTF-8 (bytes that are not reach Python as surrogate escapes)."""
+  if text is None:
+    return None
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    code = ord(text[e.start])
+    what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+    raise UserError(f"{where} is not UTF-8 text ({what} at character {e.start}): convert it to"
+                    " UTF-8 (e.g. with iconv)") from None
+  return text
+
+
+def parse_template(infill: str, *, gap_length: int = 16) -> list[str | int]:
+  """The template's literal texts (str) and gap lengths (int), in order.
+
+  Every ``<gap`` marker must be exactly ``<gap>`` or ``<gap:N>`` with N >= 1.
+  """
+  if gap_length < 1:
+    raise UserError(f"--gap_length={gap_length}: need 1 or more tokens per <gap>")
+  parts: list[str | int] = []
+  pos = 0
+  for start in GAP_START.finditer(infill):
+    m = GAP.match(infill, start.start())
+    digits = m.group(1) if m else None
+    if m is None or (digits is not None and (len(digits) > MAX_GAP_DIGITS or int(digits) < 1)):
+      raise UserError(f"--infill marker {_marker_at(infill, start.start())!r} is not <gap> or"
+                      f" <gap:N> with N >= 1: {GAP_HELP}")
+    parts += [infill[pos:m.start()], int(digits) if digits else gap_length]
+    pos = m.end()
+  if not parts:
+    raise UserError(f"--infill has no gap marker: {GAP_HELP}")
+  return parts + [infill[pos:]]
+
+
+def _marker_at(text: str, start: int) -> str:
+  end = text.find(">", start, start + 24)
+  return text[start:end + 1] if end >= 0 else text[start:start + 12] + "..."
 
 
 def build_template(tokenizer: Any, *, length: int, prompt: str | None = None,
@@ -22,53 +93,88 @@ def build_template(tokenizer: Any, *, length: int, prompt: str | None = None,
 
   ``prompt``: fixed prefix, the rest of the row is generated.  ``infill``: a
   template whose ``<gap>``/``<gap:N>`` markers become generated spans; text
-  after the template (to ``length``) is generated too.
+  after the template (to ``length``) is generated too.  The template's size is
+  checked against ``length`` before any array is built.
   """
   if prompt and infill:
     raise UserError("give --prompt or --infill, not both")
-  given: list[int] = []
-  fixed: list[bool] = []
+  if length < 1:
+    raise UserError(f"--length={length}: need 1 or more tokens per sample")
+  what = "--prompt" if prompt else "--infill template"
+  parts: list[list[int] | int] = []
   if infill:
-    pos = 0
-    gaps = list(GAP.finditer(infill))
-    if not gaps:
-      raise UserError(f"--infill has no gap marker: {GAP_HELP}")
-    for m in gaps:
-      ids = tokenizer.encode(infill[pos:m.start()])
-      given += ids
-      fixed += [True] * len(ids)
-      n = int(m.group(1) or gap_length)
-      given += [tokenizer.mask_id] * n
-      fixed += [False] * n
-      pos = m.end()
-    ids = tokenizer.encode(infill[pos:])
-    given += ids
-    fixed += [True] * len(ids)
+    spans = parse_template(infill, gap_length=gap_length)
+    gaps = sum(p for p in spans if isinstance(p, int))
+    if gaps > length:
+      raise UserError(f"--infill gaps ask for {gaps} tokens but the sequence is {length};"
+                      " shorten the gaps or raise --length")
+    parts = [p if isinstance(p, int) else tokenizer.encode(p) for p in spans]
   elif prompt:
-    given = tokenizer.encode(prompt)
-    fixed = [True] * len(given)
-  if len(given) > length:
-    what = "--prompt" if prompt else "--infill template"
+    parts = [tokenizer.encode(prompt)]
+  size = sum(p if isinstance(p, int) else len(p) for p in parts)
+  if size > length:
     raise UserError(
-        f"{what} is {len(given)} tokens but the sequence is {length}; shorten it or raise --length")
-  pad = length - len(given)
-  return (np.array(given + [tokenizer.mask_id] * pad, np.int32),
-          np.array(fixed + [False] * pad, bool))
+        f"{what} is {size} tokens but the sequence is {length}; shorten it or raise --length")
+  given = np.full(length, tokenizer.mask_id, np.int32)
+  fixed = np.zeros(length, bool)
+  pos = 0
+  for p in parts:
+    if isinstance(p, int):  # a gap: stays masked, generated
+      pos += p
+    else:
+      given[pos:pos + len(p)] = p
+      fixed[pos:pos + len(p)] = True
+      pos += len(p)
+  return given, fixed
 
 
-def sample_tokens(denoise: Callable[..., jax.Array], process: Any,
-                  given: np.ndarray, fixed: np.ndarray, *, num_samples: int, seed: int,
-                  sampler: str = "ancestral", params: Any = None,
-                  prepare: Callable[[Any], Any] | None = None,
-                  **knobs: Any) -> tuple[np.ndarray, int]:
-  """Runs the sampler on ``num_samples`` copies of the template: (tokens [N, L], nfe).
+def batch_seed(seed: int, index: int) -> int:
+  """The seed of batch ``index`` of a run seeded ``seed`` (batch 0: ``seed`` itself)."""
+  if index == 0:
+    return seed
+  state = np.random.SeedSequence([abs(seed), int(seed < 0), index]).generate_state(1)[0]
+  return int(state) & 0x7FFFFFFF
 
-  ``denoise(x_t, t)``, or with ``params`` ``denoise(params, x_t, t)``: the weights are then
-  an argument of the jitted loop (not constants baked into it), first passed through
-  ``prepare`` inside the jit (the decode layout, dlm/models/decode.py).
+
+def progress_batches(num_samples: int, batch_size: int,
+                     desc: str = "sample") -> Iterator[tuple[int, int, int]]:
+  """(index, first sample, rows kept) of each batch; a progress bar on stderr past one batch.
+
+  The bar counts a batch once the caller asks for the next one (after it printed its
+  samples); it appears after half a second, so an error in the first batch stays one line.
   """
-  g = jnp.broadcast_to(jnp.asarray(given), (num_samples, given.shape[-1]))
-  f = jnp.broadcast_to(jnp.asarray(fixed), (num_samples, fixed.shape[-1]))
+  if num_samples < 1 or batch_size < 1:
+    raise UserError(f"need --num_samples >= 1 and --batch_size >= 1, got {num_samples},"
+                    f" {batch_size}")
+  size = min(batch_size, num_samples)
+  count = -(-num_samples // size)
+  with tqdm(total=num_samples, desc=desc, unit="sample", file=sys.stderr, delay=0.5,
+            disable=count < 2, dynamic_ncols=True) as bar:
+    for i in range(count):
+      start = i * size
+      yield i, start, min(size, num_samples - start)
+      bar.update(min(size, num_samples - start))
+
+
+def emit(text: str) -> None:
+  """Prints a line of output to stdout (around any progress bar), at once."""
+  tqdm.write(text, file=sys.stdout)
+  sys.stdout.flush()
+
+
+def sample_batches(denoise: Callable[..., jax.Array], process: Any,
+                   given: np.ndarray, fixed: np.ndarray, *, num_samples: int, seed: int,
+                   batch_size: int | None = None, sampler: str = "ancestral", params: Any = None,
+                   prepare: Callable[[Any], Any] | None = None,
+                   **knobs: Any) -> Iterator[tuple[int, np.ndarray, int]]:
+  """(first sample, tokens [n, L], nfe) per batch of at most ``batch_size`` samples.
+
+  One compiled program serves every batch (the last one is run full and cut); batch 0
+  draws from ``seed`` exactly as an unbatched run does.  A bar on stderr shows progress.
+  """
+  size = min(batch_size or num_samples, num_samples)
+  g = jnp.broadcast_to(jnp.asarray(given), (size, given.shape[-1]))
+  f = jnp.broadcast_to(jnp.asarray(fixed), (size, fixed.shape[-1]))
 
   def fn(params: Any, rng: jax.Array, g: jax.Array, f: jax.Array) -> samplers.SamplerState:
     if params is None:
@@ -78,8 +184,28 @@ def sample_tokens(denoise: Callable[..., jax.Array], process: Any,
       model = lambda x_t, t: denoise(params, x_t, t)
     return samplers.run(samplers.make_sampler(sampler, model, process, **knobs), rng, g, f)
 
-  final = jax.jit(fn)(params, jax.random.key(seed), g, f)
-  return np.asarray(final.x), int(final.nfe)
+  jitted = jax.jit(fn)
+  for i, start, rows in progress_batches(num_samples, size):
+    final = jitted(params, jax.random.key(batch_seed(seed, i)), g, f)
+    yield start, np.asarray(final.x)[:rows], int(final.nfe)
+
+
+def sample_tokens(denoise: Callable[..., jax.Array], process: Any,
+                  given: np.ndarray, fixed: np.ndarray, *, num_samples: int, seed: int,
+                  sampler: str = "ancestral", params: Any = None,
+                  prepare: Callable[[Any], Any] | None = None, batch_size: int | None = None,
+                  **knobs: Any) -> tuple[np.ndarray, int]:
+  """Runs the sampler on ``num_samples`` copies of the template: (tokens [N, L], nfe).
+
+  ``denoise(x_t, t)``, or with ``params`` ``denoise(params, x_t, t)``: the weights are then
+  an argument of the jitted loop (not constants baked into it), first passed through
+  ``prepare`` inside the jit (the decode layout, dlm/models/decode.py).  ``batch_size``:
+  at most this many samples at once (``sample_batches``); nfe is the largest of a batch.
+  """
+  out = list(sample_batches(denoise, process, given, fixed, num_samples=num_samples, seed=seed,
+                            batch_size=batch_size, sampler=sampler, params=params,
+                            prepare=prepare, **knobs))
+  return np.concatenate([t for _, t, _ in out]), max(n for _, _, n in out)
 
 
 def decode_samples(tokenizer: Any, tokens: np.ndarray, *, stop_at_eos: bool = True) -> list[str]:
