@@ -10,6 +10,7 @@ the exact (invertible) reshape between the two layouts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -17,6 +18,10 @@ import numpy as np
 from dlm.errors import UserError
 
 Array = np.ndarray
+MAX_SIZE = 2**31 - 1  # the largest size or id a config.json may give (int32 indices)
+FLOAT_FIELDS = ("rope_theta", "norm_eps")  # our fields that are positive floats; the rest are sizes
+ID_KEYS = tuple(f"{k}_token_id" for k in ("mask", "eos", "pad", "bos"))
+LENGTH_KEYS = ("max_sequence_length", "max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +110,41 @@ _DREAM = {"embed": "model.embed_tokens.weight",
           "head": "lm_head.weight"}
 
 
+def _show(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _refuse(path: str, key: str, value: Any, want: str) -> UserError:
+  return UserError(f"{path}: {key}={_show(value)} is not {want}; fix it or use the config.json"
+                   " that came with the weights")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_size(path: str, key: str, value: Any, lo: int = 1, hi: int = MAX_SIZE) -> int:
+  """``value`` when it is an integer in [lo, hi] (a bool, float or string is refused)."""
+  if not _is_int(value) or not lo <= value <= hi:
+    raise _refuse(path, key, value, f"an integer in [{lo}, {hi}]")
+  return value
+
+
+def check_positive(path: str, key: str, value: Any) -> float:
+  """``value`` when it is a finite positive number (a bool or string is refused)."""
+  if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+      or value <= 0):
+    raise _refuse(path, key, value, "a finite positive number")
+  return value
+
+
+def check_flag(path: str, key: str, value: Any) -> None:
+  """A true/false option: absent, null or a JSON bool (the string "false" is refused)."""
+  if value is not None and not isinstance(value, bool):
+    raise _refuse(path, key, value, "true or false")
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   name: str
@@ -114,27 +154,63 @@ class Family:
   keys: dict[str, str]
   defaults: dict[str, Any]
   fixed: dict[str, Any]  # our model options this family always has
+  flags: tuple[str, ...] = ()  # config.json keys that are true/false
 
   def model_fields(self, hf: dict[str, Any], path: str) -> dict[str, Any]:
     """Our config.model (plus "vocab_size") from the family's config.json."""
-    missing = [k for k in self.keys if k not in hf and k not in self.defaults]
+    missing = [k for k in self.keys if hf.get(k) is None and k not in self.defaults]
     if missing:
       raise UserError(f"{path} lacks {missing} for a {self.name} model; use the config.json"
                       " that came with the weights")
     get = lambda k: hf[k] if hf.get(k) is not None else self.defaults[k]
+    for key in self.flags:
+      check_flag(path, key, hf.get(key))
     out = {ours: get(k) for k, ours in self.keys.items()}
+    self._check_numbers(hf, out, path)
     out.update(self.fixed)
     if self.name == "llada":
       out["qkv_bias"] = bool(hf.get("include_qkv_bias") or hf.get("include_bias"))
       out["tie_embeddings"] = bool(hf.get("weight_tying", False))
       if hf.get("block_type", "llama") != "llama" or hf.get("activation_type", "silu") != "silu":
         raise UserError(f"{path}: only LLaDA's llama/silu blocks are supported, got block_type="
-                        f"{hf.get('block_type')!r}, activation_type={hf.get('activation_type')!r}")
+                        f"{_show(hf.get('block_type'))}, activation_type="
+                        f"{_show(hf.get('activation_type'))}")
     else:
       out["tie_embeddings"] = bool(hf.get("tie_word_embeddings", False))
     out["num_kv_heads"] = out.get("num_kv_heads") or out["num_heads"]
     out["head_dim"] = out["d_model"] // out["num_heads"]
     return out
+
+  def _check_numbers(self, hf: dict[str, Any], out: dict[str, Any], path: str) -> None:
+    """Types and ranges of every number read from config.json, before any size is used."""
+    theirs = {ours: k for k, ours in self.keys.items()}
+    if self.name == "llada" and hf.get("vocab_size") is not None:  # embedding_size's default
+      check_size(path, "vocab_size", hf["vocab_size"])
+    for ours, value in out.items():
+      if ours in FLOAT_FIELDS:
+        check_positive(path, theirs[ours], value)
+      elif value is not None or ours != "num_kv_heads":
+        check_size(path, theirs[ours], value)
+    d, nh, nkv = out["d_model"], out["num_heads"], out["num_kv_heads"] or out["num_heads"]
+    if d % nh:
+      raise UserError(f"{path}: {theirs['d_model']}={d} is not divisible by"
+                      f" {theirs['num_heads']}={nh}; fix it or use the config.json that came with"
+                      " the weights")
+    if nh % nkv:
+      raise UserError(f"{path}: {theirs['num_kv_heads']}={nkv} does not divide"
+                      f" {theirs['num_heads']}={nh}; fix it or use the config.json that came with"
+                      " the weights")
+    for key in LENGTH_KEYS:
+      if hf.get(key) is not None:
+        check_size(path, key, hf[key])
+    for key in ID_KEYS:
+      if hf.get(key) is not None:
+        check_size(path, key, hf[key], 0, out["vocab_size"] - 1)
+    mask = self.defaults.get("mask_token_id")
+    if hf.get("mask_token_id") is None and mask is not None and mask >= out["vocab_size"]:
+      raise UserError(f"{path} has no mask_token_id and the {self.name} default {mask} is not"
+                      f" below its {out['vocab_size']} embedding rows; add the model's"
+                      " mask_token_id to config.json")
 
   def rules(self, model: dict[str, Any]) -> list[Rule]:
     return _rules(self.names, bool(model.get("qkv_bias")), bool(model.get("tie_embeddings")))
@@ -153,7 +229,8 @@ LLADA = Family(
           "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps"},
     defaults={"n_kv_heads": None, "rope_theta": 10_000.0, "rms_norm_eps": 1e-5,
               "embedding_size": None, "mask_token_id": 126336},
-    fixed={"shift_logits": False, "pad_positions": "index"})
+    fixed={"shift_logits": False, "pad_positions": "index"},
+    flags=("weight_tying", "include_bias", "include_qkv_bias"))
 
 DREAM = Family(
     name="dream", model_types=("dream",), names=_DREAM,
@@ -162,7 +239,8 @@ DREAM = Family(
           "intermediate_size": "mlp_dim", "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps"},
     defaults={"num_key_value_heads": None, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6,
               "mask_token_id": 151666},
-    fixed={"qkv_bias": True, "shift_logits": True, "pad_positions": "cumsum"})
+    fixed={"qkv_bias": True, "shift_logits": True, "pad_positions": "cumsum"},
+    flags=("tie_word_embeddings",))
 
 FAMILIES = {f.name: f for f in (LLADA, DREAM)}
 

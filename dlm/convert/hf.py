@@ -19,17 +19,33 @@ from dlm.convert import families, safetensors_io
 from dlm.errors import UserError
 
 CONFIG = "config.json"
+MAX_CONFIG_BYTES = 10 * 2**20  # released config.json files are a few KB
 
 
 def read_hf_config(src: str | os.PathLike) -> dict[str, Any]:
+  """The ``config.json`` of a model folder as a dict; one-line errors naming the file."""
   path = pathlib.Path(src) / CONFIG
   if not path.is_file():
     raise UserError(f"{path} not found: --src must be a Hugging Face model folder (config.json"
                     " and *.safetensors)")
+  safetensors_io.inside(src, CONFIG, src)
+  size = path.stat().st_size
+  if size > MAX_CONFIG_BYTES:
+    raise UserError(f"{path} is {size} bytes, over the {MAX_CONFIG_BYTES} limit of a config.json;"
+                    " use the config.json that came with the weights")
+  raw = path.read_bytes()
   try:
-    hf = json.loads(path.read_text())
+    hf = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start});"
+                    " download it again") from None
   except json.JSONDecodeError as e:
     raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno}); download it again") from None
+  except ValueError as e:  # e.g. an integer of too many digits
+    raise UserError(f"{path} is not readable JSON ({e}); download it again") from None
+  if not isinstance(hf, dict):
+    raise UserError(f"{path} is a JSON {type(hf).__name__}, not an object; use the config.json"
+                    " that came with the weights")
   return families.with_embedding_size(hf)
 
 
@@ -55,7 +71,9 @@ def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 def _their_shape(rule: families.Rule, our_shape: tuple[int, ...], s: dict[str, int]
                  ) -> tuple[int, ...]:
-  return rule.to_theirs(np.empty(our_shape, np.int8), s).shape
+  """The stored shape of a parameter, from a zero-stride view: nothing of its size is allocated."""
+  view = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), our_shape, (0,) * len(our_shape))
+  return rule.to_theirs(view, s).shape
 
 
 def our_shapes(model: dict[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -71,27 +89,58 @@ def our_shapes(model: dict[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
           ("blocks", "mlp", "w_up"): (d, mlp), ("blocks", "mlp", "w_out"): (mlp, d)}
 
 
-def load_params(src: str | os.PathLike, expected: str | None = None, *, progress: Any = None
-                ) -> tuple[families.Family, dict[str, Any], dict[str, Any], dict[str, Any]]:
-  """(family, model fields, config.json, params as numpy in the stored dtype) of a folder."""
-  fam, model, hf = describe(src, expected)
-  folder = safetensors_io.SafetensorsFolder(src)
-  s, shapes, layers = families.sizes(model), our_shapes(model), model["num_layers"]
-  present = set(folder.names())
-  params: dict[str, Any] = {}
-  for rule in fam.rules(model):
-    shape = shapes[rule.ours]
-    want = _their_shape(rule, shape, s)
-    names = [rule.theirs.format(i=i) for i in range(layers)] if rule.per_layer else [rule.theirs]
-    out = None
-    for i, name in enumerate(names):
-      if name not in present:
+def _names(rule: families.Rule, layers: int) -> list[str]:
+  return [rule.theirs.format(i=i) for i in range(layers)] if rule.per_layer else [rule.theirs]
+
+
+def check_tensors(fam: families.Family, model: dict[str, Any],
+                  folder: safetensors_io.SafetensorsFolder, src: str | os.PathLike) -> None:
+  """Every tensor config.json implies is in the headers, of that shape and a floating dtype.
+
+  Run on the headers alone, before any parameter is allocated, so a config.json
+  that disagrees with the weights (absurd sizes included) costs no memory.
+  """
+  rules, layers = fam.rules(model), model["num_layers"]
+  needed = sum(layers if r.per_layer else 1 for r in rules)
+  if needed > len(folder):
+    raise UserError(f"{pathlib.Path(src) / CONFIG} implies {needed} tensors ({layers} layers)"
+                    f" but the safetensors in {src} hold {len(folder)}; the weights do not match"
+                    " config.json: use the config.json that came with them")
+  s, shapes = families.sizes(model), our_shapes(model)
+  for rule in rules:
+    want = _their_shape(rule, shapes[rule.ours], s)
+    for name in _names(rule, layers):
+      if name not in folder:
         raise UserError(f"tensor {name} is missing from {src}; the checkpoint is incomplete or not"
                         f" a {fam.name} model")
       info = folder.info(name)
       if tuple(info.shape) != want:
-        raise UserError(f"tensor {name} in {src} has shape {list(info.shape)} but config.json"
-                        f" implies {list(want)}; the weights do not match config.json")
+        raise UserError(f"{info.path}: tensor {name} has shape {list(info.shape)} but"
+                        f" {pathlib.Path(src) / CONFIG} implies {list(want)}; the weights do not"
+                        " match config.json: use the config.json that came with them")
+      if not safetensors_io.is_floating(info.dtype):
+        raise UserError(f"{info.path}: tensor {name} is stored as"
+                        f" {safetensors_io.name_of(info.dtype)}, but it becomes the floating"
+                        f" parameter {'/'.join(rule.ours)}; the header is wrong or the file is"
+                        f" not these weights: download it again (dlm reads"
+                        f" {'/'.join(safetensors_io.FLOATING)} weights)")
+
+
+def load_params(src: str | os.PathLike, expected: str | None = None, *, progress: Any = None
+                ) -> tuple[families.Family, dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """(family, model fields, config.json, params as numpy in the stored dtype) of a folder.
+
+  Headers are checked against config.json (``check_tensors``) before anything is allocated.
+  """
+  fam, model, hf = describe(src, expected)
+  folder = safetensors_io.SafetensorsFolder(src)
+  check_tensors(fam, model, folder, src)
+  s, shapes, layers = families.sizes(model), our_shapes(model), model["num_layers"]
+  params: dict[str, Any] = {}
+  for rule in fam.rules(model):
+    shape = shapes[rule.ours]
+    out = None
+    for i, name in enumerate(_names(rule, layers)):
       x = folder.read(name)
       if out is None:
         out = np.empty(((layers,) if rule.per_layer else ()) + shape, x.dtype)
@@ -104,6 +153,14 @@ def load_params(src: str | os.PathLike, expected: str | None = None, *, progress
         progress(1)
     _set(params, rule.ours, out)
   return fam, model, hf, params
+
+
+def check_folder(src: str | os.PathLike, expected: str | None = None) -> int:
+  """Checks config.json and the safetensors headers of ``src`` against each other, reading no
+  weights; returns how many tensors an import reads."""
+  fam, model, _ = describe(src, expected)
+  check_tensors(fam, model, safetensors_io.SafetensorsFolder(src), src)
+  return sum(model["num_layers"] if r.per_layer else 1 for r in fam.rules(model))
 
 
 def num_tensors(src: str | os.PathLike, expected: str | None = None) -> int:

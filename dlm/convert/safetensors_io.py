@@ -35,6 +35,8 @@ DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("bool")}
 NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOATING = ("F64", "F32", "F16", "BF16")  # the dtypes a floating parameter may be stored in
+MAX_INDEX_BYTES = 100 * 2**20
 
 
 class CheckpointError(UserError):
@@ -58,6 +60,56 @@ def name_of(dtype: Any) -> str:
     raise CheckpointError(f"dtype {dt} has no safetensors name here; cast to one of"
                           f" {', '.join(str(d) for d in NAMES)} first")
   return NAMES[dt]
+
+
+def is_floating(dtype: Any) -> bool:
+  """Whether a numpy dtype is one of the safetensors floating dtypes (bfloat16 included)."""
+  return NAMES.get(np.dtype(dtype)) in FLOATING
+
+
+def _roots(folder: pathlib.Path) -> list[pathlib.Path]:
+  """Where the files of ``folder`` may lie: the folder itself, and for a Hugging Face hub
+  cache snapshot (``models--ORG--NAME/snapshots/REV/``, whose files link to
+  ``../../blobs/``) that repository's blobs."""
+  root = folder.resolve()
+  roots = [root]
+  blobs = root.parent.parent / "blobs"
+  if root.parent.name == "snapshots" and blobs.is_dir():
+    roots.append(blobs.resolve())
+  return roots
+
+
+def inside(folder: str | os.PathLike, name: Any, asker: str | os.PathLike) -> pathlib.Path:
+  """``folder / name``, refused unless it stays inside ``folder`` once symlinks are resolved.
+
+  Nothing is opened: the name is checked as text (relative, no ``..``, no backslash
+  or NUL), then its resolved path against the folder's (see ``_roots``).
+
+  Args:
+    folder: the model folder.
+    name: a file name read from ``asker`` (or listed in the folder).
+    asker: the file (or folder, for a listing) that names it, for the message.
+
+  Raises:
+    CheckpointError: the name is not a relative path inside the folder.
+  """
+  folder = pathlib.Path(folder)
+  fix = (f"keep the model's files inside its folder (no absolute or '..' names, no links out of"
+         f" it): fix {asker}, or download the checkpoint again into a folder of its own")
+  if (not isinstance(name, str) or not name or "\0" in name or "\\" in name
+      or pathlib.PurePosixPath(name).is_absolute() or ".." in pathlib.PurePosixPath(name).parts):
+    raise CheckpointError(f"{asker} names {name!r}, which is not a file name inside {folder};"
+                          f" {fix}")
+  try:
+    target = (folder / name).resolve()
+    roots = _roots(folder)
+  except (OSError, RuntimeError) as e:  # a symlink loop
+    raise CheckpointError(f"{asker} names {name!r}, whose path cannot be resolved ({e}); {fix}"
+                          ) from None
+  if not any(target == r or target.is_relative_to(r) for r in roots):
+    raise CheckpointError(f"{asker} names {name!r}, which resolves to {target}, outside {folder};"
+                          f" {fix}")
+  return folder / name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +163,11 @@ def _parse(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, st
     raw = f.read(n)
   try:
     header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{path} has a header that is not JSON (not UTF-8: byte"
+                          f" {raw[e.start]:#04x} at header offset {e.start}); the file is garbled"
+                          f" or not safetensors: {again}") from None
+  except ValueError as e:  # JSONDecodeError, duplicate keys
     raise CheckpointError(f"{path} has a header that is not JSON ({e}); {again}") from None
   if not isinstance(header, dict):
     raise CheckpointError(f"{path} has a header that is not a JSON object; {again}")
@@ -172,9 +228,9 @@ class SafetensorsFolder:
       self.files = [path]
       self._infos = read_header(path)
     elif (path / INDEX).is_file():
-      self._open_index(path / INDEX)
+      self._open_index(inside(path, INDEX, path))
     elif path.is_dir():
-      self.files = sorted(path.glob("*.safetensors"))
+      self.files = [inside(path, f.name, path) for f in sorted(path.glob("*.safetensors"))]
       if not self.files:
         raise CheckpointError(f"no *.safetensors in {path}; download the model's weights"
                               " (model.safetensors or its shards and index) there")
@@ -192,20 +248,16 @@ class SafetensorsFolder:
                               key=lambda kv: (order[kv[1].path], kv[1].begin, kv[0])))
 
   def _open_index(self, index: pathlib.Path) -> None:
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-      if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise ValueError("weight_map is not {tensor: file}")
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-      raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e});"
-                            " download it again") from None
+    """Reads the index; every shard name is checked to lie in the folder before any is opened."""
+    weight_map = _read_index(index)
     shards = list(dict.fromkeys(weight_map.values()))
-    for shard in shards:
-      if not (index.parent / shard).is_file():
+    paths = {shard: inside(index.parent, shard, index) for shard in shards}
+    for shard, shard_path in paths.items():
+      if not shard_path.is_file():
         raise CheckpointError(f"{index} names {shard}, which is missing from {index.parent};"
                               " download that shard")
-    self.files = [index.parent / s for s in sorted(shards)]
-    headers = {s: read_header(index.parent / s) for s in shards}
+    self.files = [paths[s] for s in sorted(shards)]
+    headers = {s: read_header(paths[s]) for s in shards}
     self._infos = {}
     for name, shard in weight_map.items():
       if name not in headers[shard]:
@@ -268,6 +320,23 @@ class SafetensorsFolder:
     """Tensor ``name`` as a fresh array (only its own bytes are read)."""
     info = self.info(name)
     return self.read_into(name, np.empty(info.shape, info.dtype))
+
+
+def _read_index(index: pathlib.Path) -> dict[str, str]:
+  """The ``weight_map`` {tensor: shard file name} of an index file, validated as data."""
+  size = index.stat().st_size
+  if size > MAX_INDEX_BYTES:
+    raise CheckpointError(f"{index} is {size} bytes, over the {MAX_INDEX_BYTES} limit of a"
+                          " safetensors index; download it again")
+  try:
+    weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+      raise ValueError("weight_map is not {tensor: file}")
+  except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e});"
+                          " download it again") from None
+  return weight_map
 
 
 Spec = tuple[str, Sequence[int], Any]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from dlm.convert import hf
+from dlm.convert import hf, safetensors_io
 from dlm.errors import UserError
 from dlm.models import transformer
 from dlm.train import checkpoint
@@ -41,28 +41,80 @@ def dlm_config(family: str, model: dict[str, Any], hf_cfg: dict[str, Any],
   }
 
 
-def convert(src: str | os.PathLike, workdir: str | os.PathLike,
-            expected: str | None = None) -> pathlib.Path:
-  """Imports ``src`` into a new workdir: config.json, tokenizer files, checkpoints/0 (params)."""
-  workdir = pathlib.Path(workdir)
+def _check_new_workdir(workdir: pathlib.Path) -> None:
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir={workdir} is a file; convert into a new folder")
   if workdir.exists() and any(workdir.iterdir()):
     raise UserError(f"--workdir={workdir} is not empty; convert into a new folder")
-  fam, _, _ = hf.describe(src, expected)  # config errors before any reading
-  with tqdm(total=hf.num_tensors(src, expected), desc="convert", unit="tensor") as bar:
+
+
+def _tokenizer_files(src: pathlib.Path) -> list[pathlib.Path]:
+  """The tokenizer files of ``src`` to copy, each checked to lie inside it (links included)."""
+  return [safetensors_io.inside(src, name, src) for name in TOKENIZER_FILES
+          if (src / name).is_file()]
+
+
+def _missing_parents(path: pathlib.Path) -> list[pathlib.Path]:
+  """The folders above ``path`` that do not exist yet, nearest first."""
+  out = []
+  for parent in path.absolute().parents:
+    if parent.exists():
+      break
+    out.append(parent)
+  return out
+
+
+def convert(src: str | os.PathLike, workdir: str | os.PathLike,
+            expected: str | None = None) -> pathlib.Path:
+  """Imports ``src`` into a new workdir: config.json, tokenizer files, checkpoints/0 (params).
+
+  Everything from ``src`` is read and checked first; the workdir is then written
+  under a hidden sibling name and renamed into place when complete, so a failure
+  (or a kill) leaves ``workdir`` as it was: absent or empty.
+  """
+  src, workdir = pathlib.Path(src), pathlib.Path(workdir)
+  _check_new_workdir(workdir)
+  total = hf.check_folder(src, expected)  # config and header errors before any bar or reading
+  tokenizer_files = _tokenizer_files(src)
+  with tqdm(total=total, desc="convert", unit="tensor") as bar:
     fam, model, hf_cfg, params = hf.load_params(src, expected, progress=bar.update)
   dtype = str(np.dtype(params["embed"].dtype))
   config = dlm_config(fam.name, model, hf_cfg, fam.special_ids(hf_cfg), str(src), dtype)
-  workdir.mkdir(parents=True, exist_ok=True)
-  for name in TOKENIZER_FILES:
-    if (pathlib.Path(src) / name).is_file():
-      shutil.copyfile(pathlib.Path(src) / name, workdir / name)
-  (workdir / HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-  # Written in place from the numpy arrays: peak ~ the weights + 0.25 GB, not twice the weights.
-  if not checkpoint.save_host_arrays(workdir, {"params": params},
-                                     {"config": config, "source": str(src)}):
-    raise UserError(f"could not write the checkpoint into {workdir}; check the disk and retry")
-  checkpoint.write_config(workdir, config)  # last: a workdir with config.json is complete
+  created = _missing_parents(workdir)
+  stage, made = workdir.parent / f".{workdir.name}.converting-{os.getpid()}", False
+  try:
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    stage.mkdir()
+    made = True
+    _write(stage, tokenizer_files, hf_cfg, params, config, str(src), workdir)
+    _check_new_workdir(workdir)  # another process may have written there meanwhile
+    os.rename(stage, workdir)  # onto an absent or empty folder only
+  except BaseException as e:
+    if made:
+      shutil.rmtree(stage, ignore_errors=True)
+    for parent in created:
+      try:
+        parent.rmdir()
+      except OSError:
+        break
+    if isinstance(e, OSError):
+      raise UserError(f"could not write {workdir} ({e.strerror or e}); check the disk and its"
+                      " permissions, then retry") from None
+    raise
   return workdir
+
+
+def _write(stage: pathlib.Path, tokenizer_files: list[pathlib.Path], hf_cfg: dict[str, Any],
+           params: dict[str, Any], config: dict[str, Any], src: str,
+           workdir: pathlib.Path) -> None:
+  """The files of the converted ``workdir``, into its staging folder ``stage``."""
+  for path in tokenizer_files:
+    shutil.copyfile(path, stage / path.name)
+  (stage / HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+  # Written in place from the numpy arrays: peak ~ the weights + 0.25 GB, not twice the weights.
+  if not checkpoint.save_host_arrays(stage, {"params": params}, {"config": config, "source": src}):
+    raise UserError(f"could not write the checkpoint of {workdir}; check the disk and retry")
+  checkpoint.write_config(stage, config)  # last: a workdir with config.json is complete
 
 
 def export(workdir: str | os.PathLike, out: str | os.PathLike, *,
