@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.tokenizer = ml_collections.FieldReference(None, field_type=str)  # a model file to use
   c.data.tokenizer_type = "bpe"  # or "unigram" (streamed sources and `dlm tokenizer train`)
   c.data.invalid_utf8 = "fail"  # or "skip" (counted, one warning)
+  c.data.tokenize_chunk_chars = 1 << 20  # read/tokenize at once: memory bounded for any line
   c.data.scan = ml_collections.FieldReference(None, field_type=bool)  # validate files up front
   c.data.tfds = ml_collections.ConfigDict({
       "name": ml_collections.FieldReference(None, field_type=str),

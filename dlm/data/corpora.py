@@ -13,11 +13,18 @@ where ``relative_posix_path`` is the path relative to the corpus root with
 path, so it is the same on every machine and run, and adding or removing a file
 never moves any other file across the split. ``val_permille=50`` puts about 5%
 of the files in validation.
+
+Files that are not valid UTF-8: ``load_corpus(invalid_utf8="skip")`` (the
+default of the function) leaves them out, counts them in
+``meta["skipped_files"]`` and logs one warning line; ``"fail"`` (what the
+trainer passes from ``config.data.invalid_utf8``, "fail" by default) raises a
+UserError naming the file and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 import platform
@@ -25,12 +32,17 @@ import sysconfig
 import zlib
 from typing import Any
 
+from dlm import errors
+
 KNOWN_SOURCES = ("stdlib",)
+INVALID_UTF8_POLICIES = ("skip", "fail")
 DEFAULT_VAL_PERMILLE = 50
 # Any path component with one of these names excludes the file.
 EXCLUDED_DIRS = frozenset({
     "site-packages", "dist-packages", "test", "tests", "idle_test",
     "__pycache__"})
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,16 +93,31 @@ def is_val(relative_posix_path: str, val_permille: int) -> bool:
   return zlib.crc32(relative_posix_path.encode("utf-8")) % 1000 < val_permille
 
 
-def _read_utf8(path: pathlib.Path) -> str | None:
-  """File text, or None if it is not valid UTF-8.
+def _read_utf8(path: pathlib.Path) -> tuple[str, int] | None:
+  """(file text, its byte count), or None if it is not valid UTF-8.
 
   Read as bytes and decoded without newline translation so the text (and its
-  byte count) is exactly the file's content.
+  byte count) is exactly the file's content; the bytes are not re-encoded.
   """
+  data = path.read_bytes()
   try:
-    return path.read_bytes().decode("utf-8")
+    return data.decode("utf-8"), len(data)
   except UnicodeDecodeError:
     return None
+
+
+def _not_utf8_error(path: pathlib.Path) -> errors.UserError:
+  """The one-line error for a non-UTF-8 file under invalid_utf8="fail"."""
+  return errors.UserError(
+      f"{path} is not valid UTF-8; fix or remove the file, or set"
+      " config.data.invalid_utf8='skip' to leave it out (counted, one warning)")
+
+
+def _check_policy(invalid_utf8: str) -> None:
+  if invalid_utf8 not in INVALID_UTF8_POLICIES:
+    raise errors.UserError(
+        f"config.data.invalid_utf8={invalid_utf8!r} is unknown; set it to"
+        " 'skip' or 'fail'")
 
 
 def _check_val_permille(val_permille: int) -> None:
@@ -115,35 +142,48 @@ def _resolve_root(source: str, root: str | os.PathLike[str] | None
 
 def load_corpus(source: str = "stdlib", *,
                 root: str | os.PathLike[str] | None = None,
-                val_permille: int = DEFAULT_VAL_PERMILLE) -> Corpus:
+                val_permille: int = DEFAULT_VAL_PERMILLE,
+                invalid_utf8: str = "skip") -> Corpus:
   """Loads a corpus and splits it into train/val documents by file.
 
   Args:
     source: corpus name; only "stdlib" is known.
     root: directory to read instead of the stdlib (same rules); for tests.
     val_permille: the split threshold, see the module docstring.
+    invalid_utf8: "skip" leaves non-UTF-8 files out (counted in
+      ``meta["skipped_files"]``, one warning line); "fail" raises a UserError
+      naming the first one. The trainer passes ``config.data.invalid_utf8``.
 
   Returns:
     The Corpus. Raises ValueError if either split ends up empty.
   """
   root = _resolve_root(source, root)
   _check_val_permille(val_permille)
+  _check_policy(invalid_utf8)
   train, val = [], []
   train_bytes = val_bytes = skipped = 0
+  first_skipped = None
   for path in python_files(root):
-    text = _read_utf8(path)
-    if text is None:
+    read = _read_utf8(path)
+    if read is None:
+      if invalid_utf8 == "fail":
+        raise _not_utf8_error(path)
       skipped += 1
+      first_skipped = first_skipped or path
       continue
-    nbytes = len(text.encode("utf-8"))
+    text, nbytes = read
     if is_val(path.relative_to(root).as_posix(), val_permille):
       val.append(text)
       val_bytes += nbytes
     else:
       train.append(text)
       train_bytes += nbytes
+  if skipped:
+    _log.warning("corpus at %s: skipped %d file(s) that are not valid UTF-8"
+                 " (first: %s); set config.data.invalid_utf8='fail' to stop"
+                 " on them", root, skipped, first_skipped)
   if not train or not val:
-    raise ValueError(
+    raise errors.UserError(
         f"corpus at {str(root)!r} has {len(train)} train and {len(val)} val"
         f" .py files (skipped {skipped} non-UTF-8); point root at a directory"
         " with more .py files outside test folders or change val_permille")

@@ -6,7 +6,9 @@ Two paths, chosen by ``config.data.source``:
     the same for any number of processes.
   - ``tfds`` / ``files`` / ``mixture``: documents stream from their source
     (``sources.py``), are tokenized and packed on the fly (``packing.py``), and
-    each process reads only its own documents; nothing is held in memory.
+    each process reads only its own documents; nothing is held in memory, and
+    a long document (a long line) is read and tokenized in chunks of
+    ``data.tokenize_chunk_chars`` characters.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: i
       train_docs, tok, seq_len=seq_len, batch_size=batch_size, seed=seed, packing=mode,
       segment_ids=segments, truncate_fraction=float(data_cfg.get("truncate_fraction", 0.0)),
       process_index=process_index, process_count=process_count,
-      worker_count=int(data_cfg.get("worker_count", 0)))
+      worker_count=int(data_cfg.get("worker_count", 0)),
+      chunk_chars=sources.chunk_chars_of(data_cfg))
   rows = _streamed_val_rows(data_cfg, val_docs, tok, max_val_rows)
   meta = {"source": data_cfg.source, "val_rows": len(rows), "streaming": True}
   return TrainInput(tok, it, rows, meta, batch_keys(data_cfg))
@@ -94,10 +97,11 @@ def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: i
 def _streamed_val_rows(data_cfg: Any, val_docs: Any, tok: tokenizer_lib.Tokenizer,
                        max_rows: int) -> np.ndarray:
   """The first ``max_rows`` (0 = 4096) full concat-packed rows of the validation split (seed 0)."""
-  from dlm.data import packing
+  from dlm.data import packing, sources
   seq_len = int(data_cfg.seq_len)
   it = packing.stream_batches(val_docs, tok, seq_len=seq_len, batch_size=1, seed=0,
-                              packing="concat", segment_ids=False, num_epochs=1)
+                              packing="concat", segment_ids=False, num_epochs=1,
+                              chunk_chars=sources.chunk_chars_of(data_cfg))
   rows = []
   for batch in it:
     if batch["loss_mask"].all():  # the split's last row is padded: leave it out

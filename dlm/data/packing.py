@@ -4,10 +4,15 @@
 endless (or ``num_epochs``-long) iterator of per-process numpy batches:
 
   docs.shuffle(seed)[p::P].repeat(num_epochs)   document order and sharding
-    .map(tokenize + eos)                         int32 [n_tokens + 1]
+    .map(tokenize + eos)                         int32 [n_tokens + 1], or
+                                                 TokenChunks (long documents)
     .to_iter_dataset() [.mp_prefetch(workers)]
     -> PackIterDataset                           one row dict per __next__
     .batch(batch_size)                           [B, L] arrays
+
+Documents longer than ``chunk_chars`` (``data.tokenize_chunk_chars``) are
+tokenized chunk by chunk while they are packed (``TokenChunks``), so memory
+is bounded by the chunk, not by a document's or a line's length.
 
 Sharding is at the document level: every epoch is a fresh permutation of all
 documents (grain's ``ShuffleMapDataset`` reseeds with ``seed + epoch``), and
@@ -39,12 +44,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from absl import flags
 import grain
 import numpy as np
 
+from dlm.data import sources
 from dlm.data import tokenizer as tokenizer_lib
 
 PACKING_MODES = ("concat", "pad")
@@ -80,28 +86,65 @@ class PackSpec:
 
 
 class TokenizeWithEos(grain.transforms.Map):
-  """str -> int32 [n + 1]: the document's ids followed by eos.
+  """document -> its ids followed by eos.
 
+  A ``str`` of at most ``chunk_chars`` characters gives int32 [n + 1] (ids of
+  ``Tokenizer.encode``); a longer one, or a ``sources.TextStream``, gives a
+  lazy ``TokenChunks`` that tokenizes ``chunk_chars`` characters at a time
+  while the packer reads it, so memory stays bounded whatever the length.
   Pickles as the tokenizer's model path only; a worker process reloads the
   model on first use.
   """
 
-  def __init__(self, tok: tokenizer_lib.Tokenizer):
+  def __init__(self, tok: tokenizer_lib.Tokenizer,
+               chunk_chars: int = tokenizer_lib.TOKENIZE_CHUNK_CHARS):
     self._path = os.fspath(tok.path)
     self._tok: tokenizer_lib.Tokenizer | None = tok
+    self.chunk_chars = tokenizer_lib.check_chunk_chars(chunk_chars)
 
   def __getstate__(self) -> dict[str, Any]:
-    return {"_path": self._path, "_tok": None}
+    return {**self.__dict__, "_tok": None}
 
   def _tokenizer(self) -> tokenizer_lib.Tokenizer:
     if self._tok is None:
       self._tok = tokenizer_lib.load_tokenizer(self._path)
     return self._tok
 
-  def map(self, element: str) -> np.ndarray:
-    tok = self._tokenizer()
-    ids = tok.encode(element) if element else []
-    return np.array(ids + [tok.eos_id], dtype=np.int32)  # [n + 1]
+  def map(self, element: str | sources.TextStream
+          ) -> np.ndarray | TokenChunks:
+    if isinstance(element, str) and len(element) <= self.chunk_chars:
+      tok = self._tokenizer()
+      ids = tok.encode(element) if element else []
+      return np.array(ids + [tok.eos_id], dtype=np.int32)  # [n + 1]
+    return TokenChunks(self, element)
+
+
+class TokenChunks:
+  """The ids of a long document and its eos, as int32 chunks when iterated.
+
+  Each iteration re-reads and re-tokenizes the document (a restored packer
+  skips the tokens it already emitted); one chunk is in memory at a time.
+  """
+
+  def __init__(self, tokenize: TokenizeWithEos,
+               document: str | sources.TextStream):
+    self._tokenize, self._document = tokenize, document
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    tok = self._tokenize._tokenizer()  # pylint: disable=protected-access
+    chunk_chars = self._tokenize.chunk_chars
+    yield from tok.encode_chunks(
+        sources.document_pieces(self._document, chunk_chars),
+        chunk_chars=chunk_chars)
+    yield np.array([tok.eos_id], dtype=np.int32)
+
+
+def _chunks_of(document: np.ndarray | Iterable[np.ndarray]
+               ) -> Iterator[np.ndarray]:
+  """A document's ids as consecutive 1-D arrays (an array is one chunk)."""
+  if isinstance(document, np.ndarray):
+    return iter((document,))
+  return iter(document)
 
 
 # ------------------------------------------------------------------ rows --
@@ -120,14 +163,19 @@ def empty_row(spec: PackSpec) -> dict[str, np.ndarray]:
 
 
 def write_piece(row: dict[str, np.ndarray], start: int, piece: np.ndarray,
-                segment: int) -> None:
-  """Writes ``piece`` at ``row[..][start:]`` as segment ``segment``."""
+                segment: int, first_position: int = 0) -> None:
+  """Writes ``piece`` at ``row[..][start:]`` as segment ``segment``.
+
+  Its positions count from ``first_position`` (a segment written in several
+  pieces continues its positions).
+  """
   end = start + piece.shape[0]
   row["tokens"][start:end] = piece
   row["loss_mask"][start:end] = 1.0
   if "segment_ids" in row:
     row["segment_ids"][start:end] = segment
-    row["positions"][start:end] = np.arange(end - start, dtype=np.int32)
+    row["positions"][start:end] = np.arange(
+        first_position, first_position + end - start, dtype=np.int32)
 
 
 def cut_row(row: dict[str, np.ndarray], length: int, pad_id: int) -> None:
@@ -162,22 +210,35 @@ def truncation_length(spec: PackSpec, row_index: int) -> int | None:
 class PackDatasetIterator(grain.DatasetIterator):
   """Packs int32 documents (eos included) into row dicts; see module doc.
 
-  Between ``__next__`` calls the only buffered data is the unread tail of the
-  current document, so the state is (parent state before that document,
-  tokens of it already emitted, rows emitted, exhausted).
+  A document is an array or an iterable of array chunks (``TokenChunks``);
+  only the current chunk is held. Between ``__next__`` calls the buffered data
+  is the unread rest of the current document, so the state is (parent state
+  before that document, tokens of it already emitted, rows emitted,
+  exhausted).
   """
 
   def __init__(self, parent: grain.DatasetIterator, spec: PackSpec):
     super().__init__(parent)
     self._spec = spec
-    self._doc: np.ndarray | None = None  # [n + 1] current document.
+    self._chunks: Iterator[np.ndarray] | None = None  # Rest of the document.
+    self._chunk: np.ndarray | None = None  # Current chunk of the document.
+    self._pos = 0  # Tokens of self._chunk already emitted.
     self._doc_state: dict[str, Any] | None = None  # Parent state before it.
-    self._offset = 0  # Tokens of self._doc already emitted.
+    self._offset = 0  # Tokens of the current document already emitted.
     self._rows = 0
     self._exhausted = False
 
   def _has_tail(self) -> bool:
-    return self._doc is not None and self._offset < self._doc.shape[0]
+    return self._chunk is not None and self._pos < self._chunk.shape[0]
+
+  def _next_chunk(self) -> None:
+    """Makes the next non-empty chunk current (None at the document's end)."""
+    self._chunk, self._pos = None, 0
+    for chunk in self._chunks or ():
+      if chunk.shape[0]:
+        self._chunk = chunk
+        return
+    self._chunks = None
 
   def _read_doc(self) -> bool:
     """Makes the next parent document current; False at the end."""
@@ -186,8 +247,23 @@ class PackDatasetIterator(grain.DatasetIterator):
       doc = next(self._parent)
     except StopIteration:
       return False
-    self._doc, self._doc_state, self._offset = doc, state, 0
+    self._chunks, self._doc_state, self._offset = _chunks_of(doc), state, 0
+    self._next_chunk()
     return True
+
+  def _take(self, limit: int) -> np.ndarray:
+    """Up to ``limit`` next tokens of the current chunk; advances past them."""
+    piece = self._chunk[self._pos:self._pos + limit]
+    self._pos += piece.shape[0]
+    self._offset += piece.shape[0]
+    if self._pos == self._chunk.shape[0]:
+      self._next_chunk()
+    return piece
+
+  def _skip(self, count: int) -> None:
+    """Drops the next ``count`` tokens of the current document (on restore)."""
+    while count > 0 and self._has_tail():
+      count -= self._take(count).shape[0]
 
   def _fill_concat(self, row: dict[str, np.ndarray]) -> int:
     """Fills ``row`` from the document stream; returns tokens written."""
@@ -195,23 +271,25 @@ class PackDatasetIterator(grain.DatasetIterator):
     while filled < self._spec.seq_len:
       if not self._has_tail() and not self._read_doc():
         break
-      take = min(self._spec.seq_len - filled,
-                 self._doc.shape[0] - self._offset)
-      segment += 1
-      write_piece(row, filled, self._doc[self._offset:self._offset + take],
-                  segment)
-      filled += take
-      self._offset += take
+      segment, start = segment + 1, filled
+      while filled < self._spec.seq_len and self._has_tail():
+        piece = self._take(self._spec.seq_len - filled)
+        write_piece(row, filled, piece, segment, first_position=filled - start)
+        filled += piece.shape[0]
     return filled
 
   def _fill_pad(self, row: dict[str, np.ndarray]) -> int:
     """Writes one (truncated) document into ``row``; returns its length."""
     if not self._read_doc():
       return 0
-    piece = self._doc[:self._spec.seq_len]
-    write_piece(row, 0, piece, 1)
-    self._offset = self._doc.shape[0]  # The rest of a long doc is dropped.
-    return piece.shape[0]
+    filled = 0
+    while filled < self._spec.seq_len and self._has_tail():
+      piece = self._take(self._spec.seq_len - filled)
+      write_piece(row, filled, piece, 1, first_position=filled)
+      filled += piece.shape[0]
+    # The rest of a long doc is dropped, untokenized.
+    self._chunks, self._chunk, self._pos = None, None, 0
+    return filled
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._exhausted:
@@ -242,14 +320,15 @@ class PackDatasetIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(copy.deepcopy(state["parent"]))
-    self._doc, self._doc_state, self._offset = None, None, 0
+    self._chunks, self._chunk, self._pos = None, None, 0
+    self._doc_state, self._offset = None, 0
     self._rows = int(state["rows"])
     self._exhausted = bool(state["exhausted"])
     if state["doc_offset"] > 0:
       if not self._read_doc():
         raise ValueError("the saved document is missing on restore; rebuild"
                          " the iterator with the same docs and arguments")
-      self._offset = int(state["doc_offset"])
+      self._skip(int(state["doc_offset"]))
 
 
 class PackIterDataset(grain.IterDataset):
@@ -331,7 +410,9 @@ def stream_batches(docs: grain.MapDataset, tokenizer: tokenizer_lib.Tokenizer,
                    packing: str = "concat", segment_ids: bool = True,
                    truncate_fraction: float = 0.0, process_index: int = 0,
                    process_count: int = 1, num_epochs: int | None = None,
-                   worker_count: int = 0) -> grain.DatasetIterator:
+                   worker_count: int = 0,
+                   chunk_chars: int = tokenizer_lib.TOKENIZE_CHUNK_CHARS
+                   ) -> grain.DatasetIterator:
   """A checkpointable iterator of this process's packed numpy batches.
 
   Args:
@@ -349,6 +430,9 @@ def stream_batches(docs: grain.MapDataset, tokenizer: tokenizer_lib.Tokenizer,
       ``[p::P]`` of each epoch's permutation.
     num_epochs: epochs to read, or None to repeat forever.
     worker_count: tokenizer worker processes (0: tokenize in this process).
+    chunk_chars: characters tokenized at once (``data.tokenize_chunk_chars``);
+      longer documents are tokenized in chunks as they are packed (in this
+      process, also with workers), so memory does not grow with their length.
 
   Returns:
     An iterator of dicts: ``tokens`` int32 [B, L], ``loss_mask`` float32
@@ -365,7 +449,7 @@ def stream_batches(docs: grain.MapDataset, tokenizer: tokenizer_lib.Tokenizer,
                   process_index=process_index)
   shard = shard_documents(docs, seed=seed, process_index=process_index,
                           process_count=process_count, num_epochs=num_epochs)
-  tokens = shard.map(TokenizeWithEos(tokenizer)).to_iter_dataset(
+  tokens = shard.map(TokenizeWithEos(tokenizer, chunk_chars)).to_iter_dataset(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if worker_count > 0:
     _ensure_flags_parsed()
@@ -385,14 +469,15 @@ def sample_documents(docs: grain.MapDataset, *, max_chars: int, seed: int
   """Documents in a seeded random order until ``max_chars`` characters.
 
   Reads one document at a time; the last one is cut to the remaining budget,
-  so at most ``max_chars`` characters are read into memory.
+  so at most ``max_chars`` characters are read into memory (a
+  ``sources.TextStream`` is read only as far as its part of the sample).
   """
   order = docs.shuffle(seed=seed)
   sample, total = [], 0
   for i in range(len(order)):
     if total >= max_chars:
       break
-    text = order[i][:max_chars - total]
+    text = sources.document_head(order[i], max_chars - total)
     sample.append(text)
     total += len(text)
   return sample

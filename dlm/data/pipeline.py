@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 import zlib
 from typing import Any, Iterator
@@ -29,6 +30,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from dlm import errors
 from dlm.data import corpora
 from dlm.data import tokenizer as tokenizer_lib
 
@@ -84,12 +86,6 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
       os.unlink(tmp)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  np.save(buf, array, allow_pickle=False)
-  return buf.getvalue()
-
-
 def load_or_train_tokenizer(path: pathlib.Path, texts: list[str], *,
                             vocab_size: int, max_chars: int
                             ) -> tokenizer_lib.Tokenizer:
@@ -127,7 +123,7 @@ def to_rows(stream: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def _cache_key(data_cfg: ml_collections.ConfigDict, corpus: corpora.Corpus,
-               tok: tokenizer_lib.Tokenizer) -> dict[str, Any]:
+               tok: tokenizer_lib.Tokenizer, chunk_chars: int) -> dict[str, Any]:
   """What the cached streams depend on; a mismatch forces a rebuild."""
   return {
       "cache_version": CACHE_VERSION,
@@ -135,17 +131,24 @@ def _cache_key(data_cfg: ml_collections.ConfigDict, corpus: corpora.Corpus,
       "root": None if data_cfg.root is None else str(data_cfg.root),
       "val_permille": int(data_cfg.val_permille),
       "corpus": corpus.meta,
-      "train_crc32": _texts_crc32(corpus.train),
-      "val_crc32": _texts_crc32(corpus.val),
+      "train_crc32": _texts_crc32(corpus.train, chunk_chars),
+      "val_crc32": _texts_crc32(corpus.val, chunk_chars),
       "tokenizer_vocab_size": tok.vocab_size,
       "tokenizer_crc32": tok.fingerprint(),
   }
 
 
-def _texts_crc32(texts: list[str]) -> str:
+def _texts_crc32(texts: list[str],
+                 chunk_chars: int = tokenizer_lib.TOKENIZE_CHUNK_CHARS) -> str:
+  """crc32 of the texts' UTF-8, each followed by a NUL, encoded in slices.
+
+  Slicing by characters keeps the bytes (and the crc) of encoding each text
+  whole, without a copy of a long text.
+  """
   crc = 0
   for text in texts:
-    crc = zlib.crc32(text.encode("utf-8"), crc)
+    for start in range(0, len(text), chunk_chars):
+      crc = zlib.crc32(text[start:start + chunk_chars].encode("utf-8"), crc)
     crc = zlib.crc32(b"\x00", crc)  # Separator: docs ["ab"] != ["a", "b"].
   return f"{crc:08x}"
 
@@ -168,24 +171,104 @@ def _load_cached_streams(data_dir: pathlib.Path, key: dict[str, Any]
   return train, val, meta
 
 
+def _write_stream(path: pathlib.Path, texts: list[str],
+                  tok: tokenizer_lib.Tokenizer, chunk_chars: int) -> int:
+  """Tokenizes ``texts`` (each + eos) into the int32 ``.npy`` at ``path``.
+
+  Ids go to a raw temp file chunk by chunk (``Tokenizer.encode_chunks``), then
+  behind an npy header, so memory holds one chunk, never the whole stream or
+  a copy of a long text. Returns the token count.
+  """
+  path.parent.mkdir(parents=True, exist_ok=True)
+  eos = np.array([tok.eos_id], dtype=np.int32).tobytes()
+  count = 0
+  with tempfile.TemporaryFile(dir=path.parent) as raw:
+    for text in texts:
+      pieces = (text[i:i + chunk_chars] for i in range(0, len(text), chunk_chars))
+      for ids in tok.encode_chunks(pieces, chunk_chars=chunk_chars):
+        raw.write(ids.tobytes())
+        count += ids.shape[0]
+      raw.write(eos)
+      count += 1
+    raw.seek(0)
+    _atomic_write_with(path, lambda f: _copy_npy(raw, f, count))
+  return count
+
+
+def _copy_npy(raw: Any, out: Any, count: int) -> None:
+  """Writes a 1-D int32 npy of ``count`` ids: header, then ``raw``'s bytes."""
+  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)),
+            "fortran_order": False, "shape": (count,)}
+  np.lib.format.write_array_header_1_0(out, header)
+  shutil.copyfileobj(raw, out, 1 << 20)
+
+
+def _atomic_write_with(path: pathlib.Path, write: Any) -> None:
+  """``write(file)`` into a temp file next to ``path``, then renames it over."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
 def _build_streams(data_dir: pathlib.Path, key: dict[str, Any],
-                   corpus: corpora.Corpus, tok: tokenizer_lib.Tokenizer
-                   ) -> tuple[np.ndarray, np.ndarray, dict]:
-  """Tokenizes both splits and writes the cache (meta.json last)."""
-  train = pack_stream(tok.encode_batch(corpus.train), tok.eos_id)
-  val = pack_stream(tok.encode_batch(corpus.val), tok.eos_id)
+                   corpus: corpora.Corpus, tok: tokenizer_lib.Tokenizer,
+                   chunk_chars: int) -> None:
+  """Tokenizes both splits into the cache (meta.json last); load it after."""
+  train_tokens = _write_stream(data_dir / "train.npy", corpus.train, tok,
+                               chunk_chars)
+  val_tokens = _write_stream(data_dir / "val.npy", corpus.val, tok,
+                             chunk_chars)
   meta = {
       "key": key,
       **corpus.meta,
-      "train_tokens": int(train.shape[0]),
-      "val_tokens": int(val.shape[0]),
+      "train_tokens": train_tokens,
+      "val_tokens": val_tokens,
       "vocab_size": tok.vocab_size,
   }
-  _atomic_write(data_dir / "train.npy", _npy_bytes(train))
-  _atomic_write(data_dir / "val.npy", _npy_bytes(val))
   _atomic_write(data_dir / "meta.json",
                 json.dumps(meta, indent=2, sort_keys=True).encode())
-  return train, val, meta
+
+
+def _corpus_and_tokenizer(data_cfg: ml_collections.ConfigDict,
+                          workdir: pathlib.Path
+                          ) -> tuple[corpora.Corpus, tokenizer_lib.Tokenizer]:
+  """The corpus (with data.invalid_utf8) and the workdir's tokenizer."""
+  corpus = corpora.load_corpus(
+      data_cfg.source, root=data_cfg.root, val_permille=data_cfg.val_permille,
+      invalid_utf8=data_cfg.get("invalid_utf8", "fail"))
+  tok = load_or_train_tokenizer(
+      workdir / TOKENIZER_FILE, corpus.train, vocab_size=data_cfg.vocab_size,
+      max_chars=data_cfg.tokenizer_max_chars)
+  return corpus, tok
+
+
+def _streams(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path
+             ) -> tuple[tokenizer_lib.Tokenizer, np.ndarray, np.ndarray, dict]:
+  """(tokenizer, train stream, val stream, meta), from the cache or built.
+
+  A build writes the cache and drops the texts before loading it, so the
+  texts and the token streams are never in memory together.
+  """
+  chunk_chars = tokenizer_lib.check_chunk_chars(data_cfg.get(
+      "tokenize_chunk_chars", tokenizer_lib.TOKENIZE_CHUNK_CHARS))
+  corpus, tok = _corpus_and_tokenizer(data_cfg, workdir)
+  data_dir = workdir / DATA_DIR
+  key = _cache_key(data_cfg, corpus, tok, chunk_chars)
+  cached = _load_cached_streams(data_dir, key)
+  if cached is not None:
+    return (tok, *cached[:2], {**cached[2], "cache_hit": True})
+  _build_streams(data_dir, key, corpus, tok, chunk_chars)
+  del corpus
+  built = _load_cached_streams(data_dir, key)
+  if built is None:
+    raise errors.UserError(f"{data_dir} changed while it was written; is another"
+                           " run using this workdir? Use a fresh workdir")
+  return (tok, *built[:2], {**built[2], "cache_hit": False})
 
 
 def _rows_or_raise(stream: np.ndarray, seq_len: int, split: str) -> np.ndarray:
@@ -203,7 +286,11 @@ def prepare(data_cfg: ml_collections.ConfigDict,
 
   Args:
     data_cfg: fields source, root, vocab_size, seq_len, val_permille,
-      tokenizer_max_chars.
+      tokenizer_max_chars; optional invalid_utf8 ("fail" by default: a
+      non-UTF-8 file under root raises naming it; "skip" counts it) and
+      tokenize_chunk_chars (characters tokenized at once, see
+      ``tokenizer.TOKENIZE_CHUNK_CHARS``: memory stays bounded whatever the
+      length of a line).
     workdir: run directory; holds tokenizer.model and data/{train,val}.npy,
       data/meta.json.
 
@@ -212,17 +299,8 @@ def prepare(data_cfg: ml_collections.ConfigDict,
   """
   _check_config(data_cfg)
   workdir = pathlib.Path(workdir)
-  corpus = corpora.load_corpus(data_cfg.source, root=data_cfg.root,
-                               val_permille=data_cfg.val_permille)
-  tok = load_or_train_tokenizer(
-      workdir / TOKENIZER_FILE, corpus.train, vocab_size=data_cfg.vocab_size,
-      max_chars=data_cfg.tokenizer_max_chars)
-  data_dir = workdir / DATA_DIR
-  key = _cache_key(data_cfg, corpus, tok)
-  cached = _load_cached_streams(data_dir, key)
-  train, val, meta = cached or _build_streams(data_dir, key, corpus, tok)
-  meta = {**meta, "cache_hit": cached is not None,
-          "seq_len": int(data_cfg.seq_len)}
+  tok, train, val, meta = _streams(data_cfg, workdir)
+  meta = {**meta, "seq_len": int(data_cfg.seq_len)}
   train_rows = _rows_or_raise(train, data_cfg.seq_len, "train")
   val_rows = _rows_or_raise(val, data_cfg.seq_len, "val")
   chex.assert_rank([train_rows, val_rows], 2)

@@ -14,14 +14,18 @@
   ``train_glob``, ``val_glob`` (required for the split asked), ``format=None``
   (``"text" | "jsonl" | "array_record"``; ``None`` infers it from each file's
   extension: ``.jsonl`` -> jsonl, ``.array_record`` -> array_record, anything
-  else -> text), ``jsonl_field="text"``. Text: one document per file. JSON
+  else -> text), ``jsonl_field="text"``. Text: one document per file (a file
+  of more than ``tokenize_chunk_chars`` bytes is a ``TextStream``, decoded in
+  pieces whenever it is read, never held as one str). JSON
   Lines: one document per non-blank line. ArrayRecord: one UTF-8 document per
   record. An index (file, byte offset) is built once; documents are read
   lazily in ``__getitem__``, so a corpus larger than memory is fine.
 * ``"mixture"``: ``cfg.mixture`` is a list of sub-configs, each a source config
   plus ``weight``; the result is ``grain.MapDataset.mix(sources, weights)``.
 
-Top-level fields shared by all sources: ``invalid_utf8="fail"`` (``"skip"``
+Top-level fields shared by all sources: ``tokenize_chunk_chars`` (characters
+decoded and tokenized at once, ``tokenizer.TOKENIZE_CHUNK_CHARS`` by default),
+``invalid_utf8="fail"`` (``"skip"``
 drops undecodable documents, counts them and logs one warning line;
 ``"fail"`` raises naming the file, and the line for JSON Lines) and
 ``scan=None`` (validate every document at construction: a streaming pass in
@@ -29,12 +33,14 @@ constant memory; ``None`` means True for ``"files"`` and False for ``"tfds"``;
 ``invalid_utf8="skip"`` needs a scan). Without a scan, bad documents raise the
 same one-line errors when they are read.
 
-All errors are one line naming the file (or dataset) and the fix.
+All errors are ``dlm.errors.UserError``s: one line naming the file (or
+dataset) and the fix.
 """
 
 from __future__ import annotations
 
 import bisect
+import codecs
 import dataclasses
 import glob as glob_lib
 import json
@@ -46,7 +52,9 @@ from array_record.python import array_record_module
 import grain
 import numpy as np
 
+from dlm import errors
 from dlm.data import corpora
+from dlm.data import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "validation")
 SOURCES = ("stdlib", "tfds", "files", "mixture")
@@ -95,16 +103,22 @@ def _check_split(split: str) -> None:
 def _policy(cfg: Any) -> str:
   policy = _get(cfg, "invalid_utf8", "fail")
   if policy not in INVALID_UTF8_POLICIES:
-    raise ValueError(
+    raise errors.UserError(
         f"config.data.invalid_utf8={policy!r} is unknown; set it to 'skip' or"
         " 'fail'")
   return policy
 
 
+def chunk_chars_of(cfg: Any) -> int:
+  """``cfg.tokenize_chunk_chars`` (characters decoded/tokenized at once), checked."""
+  return tokenizer_lib.check_chunk_chars(
+      _get(cfg, "tokenize_chunk_chars", tokenizer_lib.TOKENIZE_CHUNK_CHARS))
+
+
 def _scan(cfg: Any, default: bool, policy: str, what: str) -> bool:
   scan = bool(_get(cfg, "scan", default))
   if policy == "skip" and not scan:
-    raise ValueError(
+    raise errors.UserError(
         f"{what}: invalid_utf8='skip' needs a scan at construction; set"
         " config.data.scan=True or invalid_utf8='fail'")
   return scan
@@ -131,7 +145,7 @@ class DocumentSource:
   def __len__(self) -> int:
     return len(self._reader) if self._keep is None else len(self._keep)
 
-  def __getitem__(self, index: int) -> str:
+  def __getitem__(self, index: int) -> str | TextStream:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"document {index} out of range [0, {len(self)})")
@@ -153,7 +167,9 @@ def _scan_records(reader: Any, stats: SourceStats) -> np.ndarray | None:
   skipped: list[int] = []
   for i in range(num_records):
     try:
-      reader.read(i)
+      document = reader.read(i)
+      if isinstance(document, TextStream):
+        document.validate()
     except _SkipError:
       skipped.append(i)
       if stats.first_skipped is None:
@@ -169,15 +185,20 @@ def _scan_records(reader: Any, stats: SourceStats) -> np.ndarray | None:
   return np.flatnonzero(mask).astype(np.int64)
 
 
+def _utf8_error(where: str, byte: int, policy: str) -> Exception:
+  """The error for invalid UTF-8 at ``byte`` of ``where`` under ``policy``."""
+  if policy == "skip":
+    return _SkipError(where)
+  return errors.UserError(
+      f"{where} is not valid UTF-8 (byte {byte}); fix the file or set"
+      " config.data.invalid_utf8='skip'")
+
+
 def _decode(data: bytes, where: str, policy: str) -> str:
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
-    if policy == "skip":
-      raise _SkipError(where) from None
-    raise ValueError(
-        f"{where} is not valid UTF-8 (byte {e.start}); fix the file or set"
-        " config.data.invalid_utf8='skip'") from None
+    raise _utf8_error(where, e.start, policy) from None
 
 
 def _finish(reader: Any, scan: bool, stats: SourceStats,
@@ -185,7 +206,7 @@ def _finish(reader: Any, scan: bool, stats: SourceStats,
   keep = _scan_records(reader, stats) if scan else None
   source = DocumentSource(reader, keep, stats)
   if len(source) == 0:
-    raise ValueError(f"{stats.name} has no documents; {empty_fix}")
+    raise errors.UserError(f"{stats.name} has no documents; {empty_fix}")
   dataset = grain.MapDataset.source(source)
   dataset.stats = stats
   return dataset
@@ -196,7 +217,8 @@ def _finish(reader: Any, scan: bool, stats: SourceStats,
 def _stdlib_source(cfg: Any, split: str) -> grain.MapDataset:
   corpus = corpora.load_corpus(
       "stdlib", root=_get(cfg, "root"),
-      val_permille=_get(cfg, "val_permille", corpora.DEFAULT_VAL_PERMILLE))
+      val_permille=_get(cfg, "val_permille", corpora.DEFAULT_VAL_PERMILLE),
+      invalid_utf8=_policy(cfg))
   docs = corpus.train if split == "train" else corpus.val
   stats = SourceStats(name=f"stdlib corpus at {corpus.meta['root']} ({split})",
                       documents=len(docs),
@@ -235,7 +257,7 @@ def _tfds_data_source(name: str, tfds_split: str, data_dir: str | None
         f"TFDS dataset {name!r} under {where} is not in ArrayRecord format"
         f" ({first}); {fix}") from None
   except ValueError as e:
-    raise ValueError(
+    raise errors.UserError(
         f"TFDS dataset {name!r} split {tfds_split!r}: {_first_line(e)}; fix"
         " config.data.tfds.splits") from None
 
@@ -272,7 +294,7 @@ def _tfds_source(cfg: Any, split: str) -> grain.MapDataset:
   tcfg = _get(cfg, "tfds")
   name = _get(tcfg, "name")
   if not name:
-    raise ValueError("config.data.tfds.name is not set; set it to a TFDS"
+    raise errors.UserError("config.data.tfds.name is not set; set it to a TFDS"
                      " dataset name prepared as ArrayRecord, e.g. 'dlm_stdlib'")
   data_dir = _get(tcfg, "data_dir")
   data_dir = None if data_dir is None else os.path.expanduser(str(data_dir))
@@ -286,7 +308,7 @@ def _tfds_source(cfg: Any, split: str) -> grain.MapDataset:
   where = f"TFDS {name}[{splits[split]}] in {data_dir or 'default data_dir'}"
   features = records.dataset_info.features
   if field not in features.keys():
-    raise ValueError(
+    raise errors.UserError(
         f"{where} has no field {field!r} (fields:"
         f" {', '.join(features.keys())}); set config.data.tfds.text_field")
   policy = _policy(cfg)
@@ -301,7 +323,7 @@ def _tfds_source(cfg: Any, split: str) -> grain.MapDataset:
 def _format_of(path: str, fmt: str | None) -> str:
   if fmt is not None:
     if fmt not in FORMATS:
-      raise ValueError(
+      raise errors.UserError(
           f"config.data.files.format={fmt!r} is unknown; use one of"
           f" {', '.join(FORMATS)} or None to infer it from the extension")
     return fmt
@@ -316,7 +338,7 @@ def _glob(cfg: Any, split: str) -> list[str]:
   key = _GLOB_KEYS[split]
   pattern = _get(_get(cfg, "files"), key)
   if not pattern:
-    raise ValueError(f"config.data.files.{key} is not set; set it to a glob of"
+    raise errors.UserError(f"config.data.files.{key} is not set; set it to a glob of"
                      " .txt, .jsonl or .array_record files")
   pattern = os.path.expanduser(str(pattern))
   paths = sorted(p for p in glob_lib.glob(pattern, recursive=True)
@@ -327,11 +349,86 @@ def _glob(cfg: Any, split: str) -> list[str]:
   return paths
 
 
-class _TextFiles:
-  """One document per file."""
+class TextStream:
+  """A text file too long for one str: its text in pieces, decoded on demand.
 
-  def __init__(self, paths: list[str], policy: str):
-    self.paths, self.policy = paths, policy
+  ``pieces()`` reads ``chunk_chars`` bytes at a time through an incremental
+  UTF-8 decoder, so memory stays near ``chunk_chars`` whatever the file's (or
+  its lines') length; ``tokenizer.Tokenizer.encode_chunks`` takes the pieces.
+  Picklable (a path and two settings), so it crosses to grain workers.
+  """
+
+  def __init__(self, path: str, policy: str, chunk_chars: int):
+    self.path, self.policy, self.chunk_chars = path, policy, chunk_chars
+
+  def __repr__(self) -> str:
+    return f"TextStream({self.path!r})"
+
+  def _pieces(self, policy: str) -> Iterator[str]:
+    """Decoded pieces; invalid UTF-8 raises ``_utf8_error`` at its file byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    start = 0  # File offset of the decoder's pending bytes.
+    with open(self.path, "rb") as f:
+      while True:
+        block = f.read(self.chunk_chars)
+        pending = len(decoder.getstate()[0])
+        try:
+          text = decoder.decode(block, final=not block)
+        except UnicodeDecodeError as e:
+          raise _utf8_error(self.path, start - pending + e.start,
+                            policy) from None
+        start += len(block)
+        if text:
+          yield text
+        if not block:
+          return
+
+  def pieces(self) -> Iterator[str]:
+    """The text in consecutive pieces of at most ``chunk_chars`` characters.
+
+    Invalid UTF-8 raises a UserError naming the file and byte (also under
+    invalid_utf8="skip": the file changed after the scan).
+    """
+    return self._pieces("fail")
+
+  def head(self, num_chars: int) -> str:
+    """The first ``num_chars`` characters (reads no further than needed)."""
+    parts, total = [], 0
+    for piece in self.pieces():
+      if total >= num_chars:
+        break
+      parts.append(piece[:num_chars - total])
+      total += len(parts[-1])
+    return "".join(parts)
+
+  def validate(self) -> None:
+    """Decodes the whole file once in pieces; raises as ``read`` would."""
+    for _ in self._pieces(self.policy):
+      pass
+
+
+def document_pieces(document: str | TextStream, chunk_chars: int
+                    ) -> Iterator[str]:
+  """Consecutive pieces of a document's text, at most ``chunk_chars`` each."""
+  if isinstance(document, TextStream):
+    yield from document.pieces()
+    return
+  for start in range(0, len(document), chunk_chars):
+    yield document[start:start + chunk_chars]
+
+
+def document_head(document: str | TextStream, num_chars: int) -> str:
+  """The first ``num_chars`` characters of a document (str or TextStream)."""
+  if isinstance(document, TextStream):
+    return document.head(num_chars)
+  return document[:num_chars]
+
+
+class _TextFiles:
+  """One document per file; files over ``chunk_chars`` bytes as TextStreams."""
+
+  def __init__(self, paths: list[str], policy: str, chunk_chars: int):
+    self.paths, self.policy, self.chunk_chars = paths, policy, chunk_chars
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -339,9 +436,37 @@ class _TextFiles:
   def locate(self, i: int) -> str:
     return self.paths[i]
 
-  def read(self, i: int) -> str:
-    with open(self.paths[i], "rb") as f:
-      return _decode(f.read(), self.paths[i], self.policy)
+  def read(self, i: int) -> str | TextStream:
+    path = self.paths[i]
+    if os.path.getsize(path) > self.chunk_chars:
+      return TextStream(path, self.policy, self.chunk_chars)
+    with open(path, "rb") as f:
+      return _decode(f.read(), path, self.policy)
+
+
+def _nonblank_lines(path: str, block_bytes: int = 1 << 20
+                    ) -> Iterator[tuple[int, int]]:
+  """(byte offset, line number) of each non-blank b"\\n" line of ``path``.
+
+  Reads ``block_bytes`` at a time, so a line of any length costs one block.
+  """
+  line_offset, line_no, blank, position = 0, 1, True, 0
+  with open(path, "rb") as f:
+    while block := f.read(block_bytes):
+      start = 0
+      while True:
+        newline = block.find(b"\n", start)
+        end = len(block) if newline < 0 else newline
+        blank = blank and not block[start:end].strip()
+        if newline < 0:
+          break
+        if not blank:
+          yield line_offset, line_no
+        line_no, line_offset, blank = line_no + 1, position + newline + 1, True
+        start = newline + 1
+      position += len(block)
+  if not blank:
+    yield line_offset, line_no
 
 
 class _JsonlFiles:
@@ -351,14 +476,10 @@ class _JsonlFiles:
     self.paths, self.field, self.policy = paths, field, policy
     file_ids, offsets, lines = [], [], []
     for file_id, path in enumerate(paths):
-      offset = 0
-      with open(path, "rb") as f:
-        for line_no, line in enumerate(f, start=1):
-          if line.strip():
-            file_ids.append(file_id)
-            offsets.append(offset)
-            lines.append(line_no)
-          offset += len(line)
+      for offset, line_no in _nonblank_lines(path):
+        file_ids.append(file_id)
+        offsets.append(offset)
+        lines.append(line_no)
     self.file_ids = np.asarray(file_ids, dtype=np.int32)
     self.offsets = np.asarray(offsets, dtype=np.int64)
     self.lines = np.asarray(lines, dtype=np.int64)
@@ -378,14 +499,14 @@ class _JsonlFiles:
     try:
       record = json.loads(text)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{where} is not valid JSON ({e.msg}); fix the line or"
+      raise errors.UserError(f"{where} is not valid JSON ({e.msg}); fix the line or"
                        " drop it from the file") from None
     if not isinstance(record, dict) or self.field not in record:
-      raise ValueError(f"{where} has no field {self.field!r}; set"
+      raise errors.UserError(f"{where} has no field {self.field!r}; set"
                        " config.data.files.jsonl_field")
     value = record[self.field]
     if not isinstance(value, str):
-      raise ValueError(f"{where} field {self.field!r} is a"
+      raise errors.UserError(f"{where} field {self.field!r} is a"
                        f" {type(value).__name__}, not a string; set"
                        " config.data.files.jsonl_field to a text field")
     return value
@@ -405,7 +526,7 @@ class _ArrayRecordFiles:
     try:
       reader = array_record_module.ArrayRecordReader(path)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"{path} is not a readable ArrayRecord file"
+      raise errors.UserError(f"{path} is not a readable ArrayRecord file"
                        f" ({_first_line(e)});"
                        " rewrite it with ArrayRecordWriter or fix"
                        " config.data.files.format") from None
@@ -454,13 +575,14 @@ def _files_source(cfg: Any, split: str) -> grain.MapDataset:
   paths = _glob(cfg, split)
   fmt = _get(fcfg, "format")
   policy = _policy(cfg)
+  chunk_chars = chunk_chars_of(cfg)
   by_format: dict[str, list[str]] = {}
   for path in paths:
     by_format.setdefault(_format_of(path, fmt), []).append(path)
   parts = []
   for kind, group in sorted(by_format.items()):
     if kind == "text":
-      parts.append(_TextFiles(group, policy))
+      parts.append(_TextFiles(group, policy, chunk_chars))
     elif kind == "jsonl":
       parts.append(_JsonlFiles(group, _get(fcfg, "jsonl_field", "text"),
                                policy))
@@ -481,16 +603,16 @@ def _files_source(cfg: Any, split: str) -> grain.MapDataset:
 def _mixture_source(cfg: Any, split: str) -> grain.MapDataset:
   components = list(_get(cfg, "mixture", []))
   if not components:
-    raise ValueError("config.data.mixture is empty; give a list of source"
+    raise errors.UserError("config.data.mixture is empty; give a list of source"
                      " configs, each with a positive 'weight'")
   datasets, weights, children = [], [], []
   for i, sub in enumerate(components):
     weight = _get(sub, "weight")
     if weight is None or float(weight) <= 0:
-      raise ValueError(f"config.data.mixture[{i}].weight={weight!r} must be a"
+      raise errors.UserError(f"config.data.mixture[{i}].weight={weight!r} must be a"
                        " positive number; set it")
     if _get(sub, "source") == "mixture":
-      raise ValueError(f"config.data.mixture[{i}] is itself a mixture; flatten"
+      raise errors.UserError(f"config.data.mixture[{i}] is itself a mixture; flatten"
                        " it into config.data.mixture")
     dataset = make_source(sub, split)
     datasets.append(dataset)
@@ -531,7 +653,7 @@ def make_source(cfg: Any, split: str) -> grain.MapDataset:
   _check_split(split)
   kind = _get(cfg, "source", "stdlib")
   if kind not in _BUILDERS:
-    raise ValueError(f"config.data.source={kind!r} is unknown; use one of"
+    raise errors.UserError(f"config.data.source={kind!r} is unknown; use one of"
                      f" {', '.join(SOURCES)}")
   return _BUILDERS[kind](cfg, split)
 
@@ -540,12 +662,12 @@ def source_stats(dataset: grain.MapDataset) -> SourceStats:
   """The SourceStats of a dataset returned by ``make_source``."""
   stats = getattr(dataset, "stats", None)
   if stats is None:
-    raise ValueError("dataset has no stats; call source_stats on the dataset"
+    raise errors.UserError("dataset has no stats; call source_stats on the dataset"
                      " make_source returned, before any .map/.filter")
   return stats
 
 
-def iter_documents(dataset: grain.MapDataset) -> Iterator[str]:
+def iter_documents(dataset: grain.MapDataset) -> Iterator[str | TextStream]:
   """All documents in order (for small datasets and tests)."""
   for i in range(len(dataset)):
     yield dataset[i]

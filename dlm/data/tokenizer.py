@@ -21,6 +21,11 @@ U+2581 internally, so a literal U+2581 in the input would decode as a space;
 ``encode`` therefore emits literal U+2581 characters as their three UTF-8
 byte-fallback ids, which keeps ``decode(encode(text)) == text`` exact for
 every str that is valid Unicode (lone surrogates cannot be encoded at all).
+
+Long texts: ``encode_chunks`` encodes ``TOKENIZE_CHUNK_CHARS`` characters at a
+time (``data.tokenize_chunk_chars``), cut where sentencepiece starts a word
+(``safe_cut``), so memory is bounded whatever the length of a line; sentencepiece
+on one 200 MB string would take about 9 GB.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import re
 import tempfile
 import zlib
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from dlm import errors
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 MASK_PIECE = "<mask>"
@@ -42,6 +50,10 @@ NUM_BYTE_PIECES = 256
 # sentencepiece's internal whitespace symbol (U+2581, "lower one eighth block").
 SPACE_SYMBOL = "\u2581"
 TRAIN_CHUNK_CHARS = 2048
+# Characters sentencepiece encodes at once (``data.tokenize_chunk_chars``):
+# encoding takes about 45 bytes a character plus the Python id list, so 1M
+# characters peak near 60 MB whatever the length of a line or a file.
+TOKENIZE_CHUNK_CHARS = 1 << 20
 CHARACTER_COVERAGE = 0.9995
 
 
@@ -80,22 +92,43 @@ def _link_no_clobber(tmp: pathlib.Path, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
+# What ``str.splitlines`` treats as a line boundary ("\r\n" counts as one).
+_LINE = re.compile(
+    "[^\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]*"
+    "(?:\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]|\\Z)")
+
+
+def _line_spans(text: str) -> Iterator[tuple[int, int]]:
+  """(start, end) of each line of ``text`` as ``splitlines(keepends=True)``.
+
+  A regex walk, so no list of lines (nor a copy of a long line) is built.
+  """
+  for match in _LINE.finditer(text):
+    if match.end() > match.start():
+      yield match.span()
+
+
+def _line_chunk_spans(text: str, chunk_chars: int) -> Iterator[tuple[int, int]]:
+  """(start, end) of the chunks of ``_line_chunks``; each chunk is contiguous."""
+  start = end = 0
+  for line_start, line_end in _line_spans(text):
+    for part in range(line_start, line_end, chunk_chars):
+      part_end = min(part + chunk_chars, line_end)
+      if (end - start) + (part_end - part) > chunk_chars and end > start:
+        yield start, end
+        start = part
+      end = part_end
+  if end > start:
+    yield start, end
+
+
 def _line_chunks(text: str, chunk_chars: int) -> Iterator[str]:
   """Splits ``text`` into chunks of whole lines of at most ``chunk_chars``.
 
   Lines longer than ``chunk_chars`` are cut into pieces of that size.
   """
-  buf, size = [], 0
-  for line in text.splitlines(keepends=True):
-    for start in range(0, len(line), chunk_chars):
-      part = line[start:start + chunk_chars]
-      if size + len(part) > chunk_chars and buf:
-        yield "".join(buf)
-        buf, size = [], 0
-      buf.append(part)
-      size += len(part)
-  if buf:
-    yield "".join(buf)
+  for start, end in _line_chunk_spans(text, chunk_chars):
+    yield text[start:end]
 
 
 def training_sample(texts: Sequence[str], *, max_chars: int, seed: int = 0,
@@ -105,16 +138,69 @@ def training_sample(texts: Sequence[str], *, max_chars: int, seed: int = 0,
   All documents are cut into chunks of whole lines, the chunks are shuffled
   with ``seed`` and taken in that order while the total stays within
   ``max_chars``. The result depends only on the texts, ``max_chars``, ``seed``.
+  Only the chunks' (document, start, end) are held until the sample is cut,
+  so memory is the sample plus 24 bytes a chunk, not a copy of the texts.
   """
-  chunks = [c for t in texts for c in _line_chunks(t, chunk_chars)]
-  order = np.random.default_rng(seed).permutation(len(chunks))
+  spans = np.array([(t, s, e) for t, text in enumerate(texts)
+                    for s, e in _line_chunk_spans(text, chunk_chars)],
+                   dtype=np.int64).reshape(-1, 3)  # [num_chunks, 3]
+  order = np.random.default_rng(seed).permutation(spans.shape[0])
   sample, total = [], 0
-  for i in order:
-    if total + len(chunks[i]) > max_chars:
+  for t, s, e in spans[order].tolist():
+    if total + (e - s) > max_chars:
       continue
-    sample.append(chunks[i])
-    total += len(chunks[i])
+    sample.append(texts[t][s:e])
+    total += e - s
   return sample
+
+
+def check_chunk_chars(chunk_chars: int) -> int:
+  """``chunk_chars`` as an int, or a UserError naming the config field."""
+  if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 1024:
+    raise errors.UserError(
+        f"config.data.tokenize_chunk_chars={chunk_chars!r} must be an int >= 1024;"
+        f" use e.g. {TOKENIZE_CHUNK_CHARS} (characters tokenized at once)")
+  return chunk_chars
+
+
+def safe_cut(text: str, limit: int) -> int:
+  """Where to end a chunk of ``text`` (longer than ``limit``): an index in [1, limit].
+
+  The last word start in ``text[limit // 2:limit + 1]``: a space after a non-space.
+  sentencepiece (split_by_whitespace, no dummy prefix) starts a word there and no
+  piece crosses it, so encoding both sides apart gives the same ids as encoding
+  the whole (BPE exactly; unigram up to rare equal-score splits of a run of
+  spaces, the same pieces in another order, that rounding resolves either
+  way). Without one (no spaces for ``limit / 2`` characters) the cut is at
+  ``limit``, where the ids near the cut may differ from a whole encoding; the
+  text still round-trips exactly.
+  """
+  low = max(1, limit // 2)
+  space = text.rfind(" ", low, limit + 1)
+  if space < 0:
+    return limit
+  run_start = low + len(text[low:space].rstrip(" "))  # first space of its run
+  return run_start if text[run_start - 1] != " " else limit
+
+
+def text_chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
+  """Re-cuts consecutive pieces of one text into chunks of at most ``chunk_chars``.
+
+  Chunks end at ``safe_cut`` points; a text of at most ``chunk_chars`` characters
+  is one chunk. At most about ``2 * chunk_chars`` characters are held at once,
+  whatever the size of a piece (long pieces are walked in slices).
+  """
+  carry = ""
+  for piece in pieces:
+    for start in range(0, len(piece), chunk_chars):
+      buf = carry + piece[start:start + chunk_chars]
+      while len(buf) > chunk_chars:
+        cut = safe_cut(buf, chunk_chars)
+        yield buf[:cut]
+        buf = buf[cut:]
+      carry = buf
+  if carry:
+    yield carry
 
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -245,6 +331,16 @@ class Tokenizer:
       if SPACE_SYMBOL in text:
         out[i] = self._encode_with_space_symbols(text)
     return out
+
+  def encode_chunks(self, pieces: Iterable[str], *,
+                    chunk_chars: int = TOKENIZE_CHUNK_CHARS) -> Iterator[np.ndarray]:
+    """int32 ids of the text made of ``pieces``, one array per ``text_chunks`` chunk.
+
+    Memory is bounded by ``chunk_chars`` whatever the text's length; the ids are
+    those of ``encode`` of the whole text (see ``safe_cut`` for the exception).
+    """
+    for chunk in text_chunks(pieces, chunk_chars):
+      yield np.asarray(self.encode(chunk), dtype=np.int32)
 
   def _encode_with_space_symbols(self, text: str) -> list[int]:
     """Encodes around literal U+2581, which becomes its byte-fallback ids."""
