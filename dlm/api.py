@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 from typing import Any
 
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dlm import processes
+from dlm import jsonfile, processes
 from dlm.errors import UserError
 from dlm.models import transformer
 from dlm.train import checkpoint, state as state_lib
@@ -160,16 +159,8 @@ SAMPLER_NAMES = ("ancestral", "llada", "dream", "fast_dllm")
 
 def _is_hf_folder(path: pathlib.Path) -> bool:
   cfg = path / "config.json"
-  if not cfg.is_file():
-    return False
-  try:
-    data = json.loads(cfg.read_bytes().decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"{cfg} is not JSON ({type(e).__name__}: {str(e)[:80]}); fix or replace the"
-                    " file") from None
-  if not isinstance(data, dict):
-    raise UserError(f"{cfg} is not a JSON object; give a Hugging Face model folder or a dlm workdir")
-  return "model" not in data
+  return cfg.is_file() and "model" not in jsonfile.read_object(
+      cfg, fix="give a Hugging Face model folder or a dlm workdir")
 
 
 def from_pretrained(path: str | pathlib.Path, *, dtype: str | None = "float32",

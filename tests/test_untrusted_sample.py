@@ -211,7 +211,7 @@ def test_ordinary_chat_templates_still_render(tmp_path):
   assert out == ("<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
                  "<|start_header_id|>assistant<|end_header_id|>\n\na, b  7yy")
   (tmp_path / "tokenizer_config.json").write_bytes(b'{"chat_template": "\xff"}')
-  with pytest.raises(UserError, match="tokenizer_config.json is not UTF-8 JSON"):
+  with pytest.raises(UserError, match="tokenizer_config.json is not UTF-8 text"):
     hf_tokenizer.HFTokenizer(tmp_path, mask_id=250)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from dlm import jsonfile
 from dlm.convert import families, safetensors_io
 from dlm.errors import UserError
 
@@ -29,23 +30,8 @@ def read_hf_config(src: str | os.PathLike) -> dict[str, Any]:
     raise UserError(f"{path} not found: --src must be a Hugging Face model folder (config.json"
                     " and *.safetensors)")
   safetensors_io.inside(src, CONFIG, src)
-  size = path.stat().st_size
-  if size > MAX_CONFIG_BYTES:
-    raise UserError(f"{path} is {size} bytes, over the {MAX_CONFIG_BYTES} limit of a config.json;"
-                    " use the config.json that came with the weights")
-  raw = path.read_bytes()
-  try:
-    hf = json.loads(raw.decode("utf-8"))
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start});"
-                    " download it again") from None
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not JSON ({e.msg} at line {e.lineno}); download it again") from None
-  except ValueError as e:  # e.g. an integer of too many digits
-    raise UserError(f"{path} is not readable JSON ({e}); download it again") from None
-  if not isinstance(hf, dict):
-    raise UserError(f"{path} is a JSON {type(hf).__name__}, not an object; use the config.json"
-                    " that came with the weights")
+  hf = jsonfile.read_object(path, max_bytes=MAX_CONFIG_BYTES,
+                            fix="download it again or use the config.json that came with the weights")
   return families.with_embedding_size(hf)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -11,6 +10,7 @@ import time
 from collections.abc import Sized
 from typing import Any, Iterable
 
+from dlm import jsonfile
 from dlm.errors import UserError
 
 CHAT_MAX_CHARS = 1_000_000  # the most a chat template may render (and any value it builds)
@@ -73,16 +73,7 @@ class HFTokenizer:
 
 
 def _read_config(path: pathlib.Path) -> dict[str, Any]:
-  if not path.is_file():
-    return {}
-  try:
-    config = json.loads(path.read_bytes().decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"{path} is not UTF-8 JSON ({str(e).splitlines()[0]}); download it"
-                    " again") from None
-  if not isinstance(config, dict):
-    raise UserError(f"{path} holds {type(config).__name__}, not a JSON object; download it again")
-  return config
+  return jsonfile.read_object(path, fix="download it again") if path.is_file() else {}
 
 
 class _OutOfTime(BaseException):

@@ -16,7 +16,6 @@ iterator of per-process batches; ``eval_batches`` walks rows in order.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import pathlib

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dlm import registry
+from dlm import jsonfile, registry
 from dlm.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -402,12 +402,8 @@ def read_config(workdir: str | os.PathLike, *, trust_config_code: bool = False) 
     raise FileNotFoundError(
         f"{path} not found: {workdir} is not a dlm workdir; train one with"
         f" `dlm train --config=configs/quickstart.py --workdir={workdir}`")
-  try:
-    config = json.loads(path.read_bytes().decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"{path} is not a JSON config ({type(e).__name__}: {str(e)[:80]}); restore it"
-                    " from the checkpoint's meta item or retrain") from None
-  if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+  config = jsonfile.read_object(path, fix="restore it from a checkpoint's meta item or retrain")
+  if not isinstance(config.get("model"), dict):
     raise UserError(f"{path} is not a dlm config (no 'model' section); point at a dlm workdir")
   registry.check_untrusted(config, str(path), trust=trust_config_code)
   return config

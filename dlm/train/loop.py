@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from tqdm.auto import tqdm
 
 from dlm import distributed, lock, losses, parallel, processes
