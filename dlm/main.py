@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -312,7 +313,10 @@ def cmd_export() -> None:
   f = flags.FLAGS
   if not f.out:
     raise _usage("dlm export needs --workdir=DIR --out=HF_DIR")
-  print(convert_workdir.export(_workdir(), f.out, max_shard_bytes=int(f.max_shard_gb * 2**30)))
+  if f.max_shard_gb < 1:
+    raise _usage(f"--max_shard_gb={f.max_shard_gb} must be >= 1")
+  print(convert_workdir.export(_workdir(), f.out, max_shard_bytes=int(f.max_shard_gb * 2**30),
+                               trust_config_code=f.trust_config_code))
 
 
 _COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
@@ -325,6 +329,52 @@ _COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "tokenizer": (_define_tokenizer_flags, cmd_tokenizer),
     "compile": (_define_compile_flags, cmd_compile),
 }
+
+
+def _no_field(e: BaseException, args: list[str]) -> str:
+  """ml_collections' "no field" error (a KeyError, maybe inside an AttributeError) as one line."""
+  while isinstance(e, AttributeError) and e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  text = str(e.args[0] if e.args else e)
+  lines = text.splitlines() or [""]
+  field = lines[0].strip().strip("'\"")
+  hint = " ".join(l.strip() for l in lines[1:] if l.strip())
+  where = next((a.split("=", 1)[0] for a in args
+                if a.startswith("--config.") and field in a.split("=", 1)[0].split(".")), "")
+  return (f"the config has no field {field!r}" + (f" ({where})" if where else "") + "; "
+          + (f"{hint[0].lower()}{hint[1:]}" if hint
+             else "check the --config.* override against the recipe's get_config()"))
+
+
+def one_line(e: BaseException) -> str:
+  """The message of an exception that reached the CLI, as one line that ends in what to do."""
+  from dlm.errors import UserError
+  text = str(e).strip()
+  first = text.splitlines()[0] if text else ""
+  if isinstance(e, UserError):
+    return first or type(e).__name__
+  if isinstance(e, OSError) and e.errno is not None:
+    where = " -> ".join(str(n) for n in (e.filename, e.filename2) if n is not None)
+    what = e.strerror or first
+    if isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.EACCES):
+      fix = "fix its permissions or pick another path"
+    elif e.errno == errno.ENOSPC:
+      fix = "free disk space or pick another path"
+    elif isinstance(e, FileNotFoundError):
+      fix = "check the path"
+    else:
+      fix = "check the path and the disk"
+    return f"{where}: {what}; {fix}" if where else f"{what}; {fix}"
+  if isinstance(e, (FileNotFoundError, FileExistsError)) and first:  # ours: the text names the fix
+    return first
+  name = type(e).__name__
+  if type(e) is ValueError and first:  # ours name the fix; a library's still reads as one line
+    return f"{first} (DLM_DEBUG=1 shows the traceback)"
+  if name == "SecurityError":  # jinja2's sandbox refused a chat template
+    return (f"the chat template was refused by the sandbox ({first}); use a trusted template"
+            " or sample without --chat")
+  return (f"{name}: {first[:500]} (unexpected: rerun with DLM_DEBUG=1 for the traceback and"
+          " report it if the input looks valid)")
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -352,12 +402,13 @@ def run(argv: list[str] | None = None) -> None:
     msg = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"
     print(f"dlm {cmd}: error: {msg}", file=sys.stderr)
     sys.exit(2)
-  except (KeyError, AttributeError) as e:  # ml_collections: an override names no field
-    field = str(e.args[0] if e.args else e).strip("'\"")
-    print(f"dlm {cmd}: error: the config has no field {field!r}; check the --config.* override"
-          " against the recipe's get_config()", file=sys.stderr)
+  except UnicodeDecodeError as e:  # a --flagfile (or the command line) that is not UTF-8
+    print(f"dlm {cmd}: error: a --flagfile is not UTF-8 text (byte {e.object[e.start]:#04x} at"
+          f" offset {e.start}); save it as UTF-8", file=sys.stderr)
     sys.exit(2)
-  from dlm.errors import UserError
+  except (KeyError, AttributeError) as e:  # ml_collections: an override names no field
+    print(f"dlm {cmd}: error: {_no_field(e, argv[2:])}", file=sys.stderr)
+    sys.exit(2)
   if positional and cmd != "tokenizer":
     print(f"dlm {cmd}: error: unexpected arguments {positional}; flags are --name=value",
           file=sys.stderr)
@@ -367,12 +418,10 @@ def run(argv: list[str] | None = None) -> None:
   except _UsageError as e:
     print(f"dlm {cmd}: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
+  except Exception as e:  # noqa: BLE001  every error reaches the user as one line
     if os.environ.get("DLM_DEBUG"):
       raise
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    hint = "" if isinstance(e, (UserError, OSError)) else " (DLM_DEBUG=1 shows the traceback)"
-    print(f"dlm {cmd}: error: {msg}{hint}", file=sys.stderr)
+    print(f"dlm {cmd}: error: {one_line(e)}", file=sys.stderr)
     sys.exit(1)
 
 

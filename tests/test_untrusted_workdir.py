@@ -133,3 +133,125 @@ def test_resume_refuses_other_seq_len(trained, tmp_path):
   proc = dlm("train", f"--config={SMOKE}", f"--workdir={workdir}", "--config.data.seq_len=32")
   assert proc.returncode == 1 and "data.seq_len" in proc.stderr.strip().splitlines()[-1]
   assert (workdir / "config.json").read_text() == cfg
+
+
+def _copy(trained: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+  shutil.copytree(trained, dst)
+  return dst
+
+
+def _flip(path: pathlib.Path) -> None:
+  raw = bytearray(path.read_bytes())
+  raw[len(raw) // 2] ^= 0x01
+  path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_in_any_file_of_a_checkpoint_is_caught(trained, tmp_path):
+  step = _copy(trained, tmp_path / "w") / "checkpoints" / "10"
+  files = [p for p in sorted(step.rglob("*")) if p.is_file() and p.name != checkpoint.DIGEST_FILE
+           and p.stat().st_size]
+  assert len(files) >= 5 and any("state" in p.parts for p in files)
+  for path in files:
+    before = path.read_bytes()
+    _flip(path)
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="does not match its sha256 digest"):
+      checkpoint.verify(step)
+    path.write_bytes(before)
+  assert checkpoint.verify(step)
+
+
+def _eval_step(proc: subprocess.CompletedProcess) -> dict:
+  assert proc.returncode == 0, proc.stderr
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_flipped_byte_falls_back_in_eval_and_train_resume(trained, tmp_path):
+  for name in ("eval", "train"):
+    workdir = _copy(trained, tmp_path / name)
+    array = max((p for p in (workdir / "checkpoints" / "10" / "state").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+    _flip(array)
+    if name == "eval":
+      out = _eval_step(dlm("eval", f"--workdir={workdir}", "--max_rows=8"))
+      assert out["step"] == 5 and out["weights"] == "ema_params"
+      proc_err = ""
+    else:
+      proc = dlm("train", f"--config={SMOKE}", f"--workdir={workdir}", "--config.train.steps=12",
+                 "--config.train.checkpoint_every=5", "--config.train.eval_every=10")
+      assert proc.returncode == 0, proc.stderr
+      assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 12
+      assert f"resumed from {workdir}/checkpoints/5" in proc.stdout + proc.stderr
+      proc_err = proc.stderr
+    moved = list((workdir / checkpoint.UNREADABLE).iterdir())
+    assert [p.name.split("-")[0] for p in moved] == ["10"]
+    if name == "train":
+      assert "does not match its sha256 digest" in proc_err
+
+
+def test_stray_step_folder_and_missing_items_fall_back_in_sample_and_eval(trained, tmp_path):
+  stray = _copy(trained, tmp_path / "stray")
+  (stray / "checkpoints" / "15").mkdir()  # a half-copied or hand-made newest step
+  proc = dlm("sample", f"--workdir={stray}", "--prompt=def ", "--num_samples=1", "--steps=2")
+  assert proc.returncode == 0, proc.stderr
+  assert "(step 10," in proc.stdout and "checkpoints/15 is unreadable" in proc.stderr
+  # the data item and the orbax metadata gone: eval falls back (and keeps the EMA weights)
+  missing = _copy(trained, tmp_path / "missing")
+  shutil.rmtree(missing / "checkpoints" / "10" / "data")
+  for meta in (missing / "checkpoints" / "10").rglob("_*METADATA"):
+    meta.unlink()
+  out = _eval_step(dlm("eval", f"--workdir={missing}", "--max_rows=8"))
+  assert out["step"] == 5 and out["weights"] == "ema_params"
+
+
+def test_export_refuses_config_code_and_never_mixes_two_writers(trained, tmp_path):
+  from dlm.convert import staging
+  from dlm.convert import workdir as convert_workdir
+  evil = _copy(trained, tmp_path / "evil")
+  cfg = json.loads((evil / "config.json").read_text())
+  cfg["process"]["schedule"]["name"] = "os:system"
+  (evil / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(UserError, match="asks to import 'os:system'"):
+    convert_workdir.export(evil, tmp_path / "hf")
+  assert not (tmp_path / "hf").exists()
+  # a second writer that fills --out meanwhile wins; ours refuses and leaves no trace
+  out = tmp_path / "out"
+  with pytest.raises(UserError, match="written by another process meanwhile"):
+    with staging.staged(out, "--out", "export") as stage:
+      (stage / "config.json").write_text("{}")
+      out.mkdir()
+      (out / "theirs.json").write_text("{}")
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+  assert [p.name for p in out.iterdir()] == ["theirs.json"]
+
+
+def _immutable(path: pathlib.Path, on: bool) -> bool:
+  import os
+  if os.geteuid() != 0:
+    path.chmod(0o555 if on else 0o755)
+    return True
+  return subprocess.run(["chattr", "+i" if on else "-i", str(path)],
+                        capture_output=True).returncode == 0
+
+
+def test_cli_errors_are_one_line_with_the_traceback_under_dlm_debug(trained, tmp_path):
+  proc = dlm("train", f"--config={SMOKE}", f"--workdir={tmp_path / 'w'}", "--config.train.stepz=3")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+      "dlm train: error: the config has no field 'stepz' (--config.train.stepz); did you mean"
+      ' "steps" instead of "stepz"?')
+  flagfile = tmp_path / "bad.flags"
+  flagfile.write_bytes(b"--prompt=\xff\xfe\n")
+  proc = dlm("sample", f"--workdir={trained}", f"--flagfile={flagfile}")
+  assert proc.returncode == 2 and "--flagfile is not UTF-8" in proc.stderr.strip().splitlines()[-1]
+  readonly = _copy(trained, tmp_path / "ro")
+  if not _immutable(readonly, True):
+    pytest.skip("cannot make a directory unwritable here (root without chattr)")
+  try:
+    proc = dlm("plot", f"--workdir={readonly}")
+    debug = dlm("plot", f"--workdir={readonly}", env_extra={"DLM_DEBUG": "1"})
+  finally:
+    _immutable(readonly, False)
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert last.startswith(f"dlm plot: error: {readonly}/") and "permissions" in last
+  assert debug.returncode == 1 and "Traceback" in debug.stderr
+  assert not (readonly / "curves.png").exists()

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from dlm.convert import hf, safetensors_io
+from dlm.convert import hf, safetensors_io, staging
+from dlm import jsonfile
 from dlm.errors import UserError
 from dlm.models import transformer
 from dlm.train import checkpoint
@@ -41,27 +42,10 @@ def dlm_config(family: str, model: dict[str, Any], hf_cfg: dict[str, Any],
   }
 
 
-def _check_new_workdir(workdir: pathlib.Path) -> None:
-  if workdir.exists() and not workdir.is_dir():
-    raise UserError(f"--workdir={workdir} is a file; convert into a new folder")
-  if workdir.exists() and any(workdir.iterdir()):
-    raise UserError(f"--workdir={workdir} is not empty; convert into a new folder")
-
-
 def _tokenizer_files(src: pathlib.Path) -> list[pathlib.Path]:
   """The tokenizer files of ``src`` to copy, each checked to lie inside it (links included)."""
   return [safetensors_io.inside(src, name, src) for name in TOKENIZER_FILES
           if (src / name).is_file()]
-
-
-def _missing_parents(path: pathlib.Path) -> list[pathlib.Path]:
-  """The folders above ``path`` that do not exist yet, nearest first."""
-  out = []
-  for parent in path.absolute().parents:
-    if parent.exists():
-      break
-    out.append(parent)
-  return out
 
 
 def convert(src: str | os.PathLike, workdir: str | os.PathLike,
@@ -73,34 +57,15 @@ def convert(src: str | os.PathLike, workdir: str | os.PathLike,
   (or a kill) leaves ``workdir`` as it was: absent or empty.
   """
   src, workdir = pathlib.Path(src), pathlib.Path(workdir)
-  _check_new_workdir(workdir)
+  staging.check_new(workdir, "--workdir", "convert")
   total = hf.check_folder(src, expected)  # config and header errors before any bar or reading
   tokenizer_files = _tokenizer_files(src)
   with tqdm(total=total, desc="convert", unit="tensor") as bar:
     fam, model, hf_cfg, params = hf.load_params(src, expected, progress=bar.update)
   dtype = str(np.dtype(params["embed"].dtype))
   config = dlm_config(fam.name, model, hf_cfg, fam.special_ids(hf_cfg), str(src), dtype)
-  created = _missing_parents(workdir)
-  stage, made = workdir.parent / f".{workdir.name}.converting-{os.getpid()}", False
-  try:
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    stage.mkdir()
-    made = True
+  with staging.staged(workdir, "--workdir", "convert") as stage:
     _write(stage, tokenizer_files, hf_cfg, params, config, str(src), workdir)
-    _check_new_workdir(workdir)  # another process may have written there meanwhile
-    os.rename(stage, workdir)  # onto an absent or empty folder only
-  except BaseException as e:
-    if made:
-      shutil.rmtree(stage, ignore_errors=True)
-    for parent in created:
-      try:
-        parent.rmdir()
-      except OSError:
-        break
-    if isinstance(e, OSError):
-      raise UserError(f"could not write {workdir} ({e.strerror or e}); check the disk and its"
-                      " permissions, then retry") from None
-    raise
   return workdir
 
 
@@ -118,10 +83,15 @@ def _write(stage: pathlib.Path, tokenizer_files: list[pathlib.Path], hf_cfg: dic
 
 
 def export(workdir: str | os.PathLike, out: str | os.PathLike, *,
-           max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
-  """Writes the newest parameters of a workdir as a Hugging Face folder (safetensors + config)."""
+           max_shard_bytes: int = 5 * 2**30, trust_config_code: bool = False) -> pathlib.Path:
+  """Writes the newest parameters of a workdir as a Hugging Face folder (safetensors + config).
+
+  ``out`` is staged and renamed into place (``staging.staged``): written whole or not at all.
+  """
   from dlm import api
-  m = api.from_pretrained(workdir, dtype=None)
+  out = pathlib.Path(out)
+  staging.check_new(out, "--out", "export")  # before the (long) restore
+  m = api.from_pretrained(workdir, dtype=None, trust_config_code=trust_config_code)
   cfg = m.config
   family = cfg.get("hf", {}).get("family", "llada")
   if m.model_cfg.time_conditioning:
@@ -132,13 +102,16 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *,
   model["head_dim"] = m.model_cfg.hd
   model["mlp_dim"] = m.model_cfg.mlp
   base_path = pathlib.Path(workdir) / HF_CONFIG
-  base = json.loads(base_path.read_text()) if base_path.exists() else None
+  base = jsonfile.read_object(base_path, fix="restore it from the original model folder or"
+                              " delete it (a fresh config.json is written)",
+                              max_bytes=1 << 20) if base_path.exists() else None
   hf_cfg = hf.hf_config_for(model, family, m.ids, base)
   params = {k: v for k, v in _numpy(m.params).items()}
-  out = hf.export_params(params, model, family, hf_cfg, out, max_shard_bytes=max_shard_bytes)
-  for name in TOKENIZER_FILES:
-    if (pathlib.Path(workdir) / name).is_file():
-      shutil.copyfile(pathlib.Path(workdir) / name, out / name)
+  with staging.staged(out, "--out", "export") as stage:
+    hf.export_params(params, model, family, hf_cfg, stage, max_shard_bytes=max_shard_bytes)
+    for name in TOKENIZER_FILES:
+      if (pathlib.Path(workdir) / name).is_file():
+        shutil.copyfile(pathlib.Path(workdir) / name, stage / name)
   return out
 
 
