@@ -148,6 +148,22 @@ def test_non_utf8_prompt_is_one_line(hf):
   assert code == 1 and "--infill is not UTF-8 text" in one_line(err)
 
 
+def test_tokenizer_files_linked_out_of_the_folder_are_refused(tmp_path):
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    folder = tmp_path / name / "llada"
+    shutil.copytree(LLADA, folder)
+    _word_tokenizer(folder)
+    outside = tmp_path / name / "outside"
+    os.replace(folder / name, outside)
+    (folder / name).symlink_to(outside)
+    with pytest.raises(UserError) as e:
+      hf_tokenizer.HFTokenizer(folder)
+    assert repr(name) in str(e.value) and f"resolves to {outside.resolve()}" in str(e.value)
+  shutil.copytree(LLADA, tmp_path / "plain")
+  _word_tokenizer(tmp_path / "plain")
+  assert hf_tokenizer.HFTokenizer(tmp_path / "plain").encode("w5 w7") == [5, 7]
+
+
 def test_chat_on_a_sentencepiece_model_is_one_line(tmp_path):
   """A dlm-trained (sentencepiece) tokenizer has no apply_chat_template: it was a traceback."""
   from dlm.data import tokenizer

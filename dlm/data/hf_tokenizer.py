@@ -24,8 +24,10 @@ class HFTokenizer:
                mask_id: int | None = None, eos_id: int | None = None,
                pad_id: int | None = None, bos_id: int | None = None):
     import tokenizers
+
+    from dlm.convert.safetensors_io import inside  # links out of a model folder are refused
     self.folder = pathlib.Path(folder)
-    path = self.folder / "tokenizer.json"
+    path = inside(self.folder, "tokenizer.json", self.folder)
     try:
       self._tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001  (the library raises bare Exceptions)
@@ -33,7 +35,9 @@ class HFTokenizer:
       raise UserError(f"{path} is not a tokenizers file ({msg}); download it again") from None
     self.vocab_size = vocab_size or self._tok.get_vocab_size(with_added_tokens=True)
     self.mask_id, self.eos_id, self.pad_id, self.bos_id = mask_id, eos_id, pad_id, bos_id
-    self.config: dict[str, Any] = _read_config(self.folder / "tokenizer_config.json")
+    config = self.folder / "tokenizer_config.json"
+    self.config: dict[str, Any] = _read_config(
+        inside(self.folder, config.name, self.folder) if config.is_file() else config)
 
   def encode(self, text: str) -> list[int]:
     return list(self._tok.encode(text, add_special_tokens=False).ids)
