@@ -1,6 +1,6 @@
 """Peak memory of the data pipeline on a training file that is one long line.
 
-  python benchmarks/long_line.py [--mb=200] [--paths=files,root] [--chunk_chars=N]
+  python benchmarks/long_line.py [--mb=200] [--paths=files,root,train] [--chunk_chars=N]
 
 Writes a ``--mb`` MB file of Python source on a single line (newlines turned
 into spaces) in a temp dir, then for each path runs the pipeline's real code over it in a fresh
@@ -13,6 +13,11 @@ subprocess and reads that subprocess's peak RSS (``ru_maxrss``):
 * ``root``: ``data.source="stdlib"`` with ``data.root`` a folder holding the
   file (as a ``.py``) and a small validation file, through ``pipeline.prepare``
   (tokenizer, token cache, rows in memory), then the first training batch.
+* ``train``: the whole command, ``dlm train --config=configs/quickstart.py`` with
+  ``data.source="files"`` and the file as ``data.files.train_glob``, for
+  ``--train_steps`` steps (JAX, the model, its compile, the data pipeline and
+  checkpoints: what a user's machine needs); its baseline is the same command on
+  a one-line file of 1 MB.
 
 Each row gives the peak, the baseline (the same process after its imports)
 and their difference per MB of file; the issue's bound is a peak under 1 GB
@@ -118,8 +123,43 @@ def _root_worker(args: argparse.Namespace) -> dict:
   return {"baseline_mb": base, "tokens": int(train.meta["train_tokens"])}
 
 
+def _train_peak(args: argparse.Namespace, train_file: str, workdir: str) -> float:
+  """Peak RSS (MB) of one ``dlm train`` child on ``train_file``."""
+  import resource  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, "-m", "dlm.main", "train", f"--config={ROOT}/configs/quickstart.py",
+         f"--workdir={workdir}", "--config.data.source=files",
+         f"--config.data.files.train_glob={train_file}", f"--config.data.files.val_glob={args.val}",
+         f"--config.train.steps={args.train_steps}", f"--config.train.log_every={args.train_steps}",
+         f"--config.train.eval_every={args.train_steps}",
+         f"--config.train.checkpoint_every={args.train_steps}"]
+  if args.chunk_chars:
+    cmd.append(f"--config.data.tokenize_chunk_chars={args.chunk_chars}")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+  if proc.returncode != 0:
+    raise SystemExit(f"dlm train failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+  return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def _train_worker(args: argparse.Namespace) -> dict:
+  """``dlm train`` on a 1 MB one-line file (baseline), then, in a new worker, on the big one."""
+  if args.which == "small":  # the baseline: children's peak is a running maximum, so one per worker
+    small = pathlib.Path(args.workdir) / "small.txt"
+    with open(args.file, "rb") as src:
+      small.write_bytes(src.read(2**20))
+    return {"peak_mb": _train_peak(args, str(small), f"{args.workdir}/small"), "tokens": 0}
+  return {"peak_mb": _train_peak(args, args.file, f"{args.workdir}/big"), "tokens": 0}
+
+
 def worker(args: argparse.Namespace) -> None:
   """Runs one path in this process; prints one JSON line with its peak RSS."""
+  if args.worker == "train":
+    start = time.time()
+    row = _train_worker(args)
+    row.update(path="train", seconds=round(time.time() - start, 1))
+    row["peak_mb"] = round(row["peak_mb"], 1)
+    print(json.dumps(row))
+    return
   import numpy as np  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   import grain  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   import sentencepiece  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
@@ -141,14 +181,20 @@ def run_path(path: str, tmp: pathlib.Path, line: pathlib.Path, args: argparse.Na
     val.write_text("def f(x):\n  return x + 1\n" * 2000)
   cmd = [sys.executable, __file__, f"--worker={path}", f"--file={line}", f"--val={val}",
          f"--workdir={workdir}", f"--tokenizer_max_chars={args.tokenizer_max_chars}",
-         f"--chunk_chars={args.chunk_chars}"]
+         f"--chunk_chars={args.chunk_chars}", f"--train_steps={args.train_steps}"]
   if path == "root":
     cmd.append(f"--root={make_root(tmp, line)}")
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-  if proc.returncode != 0:
-    raise SystemExit(f"{path} worker failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-  row = json.loads(proc.stdout.strip().splitlines()[-1])
+
+  def one(extra: list[str]) -> dict:
+    proc = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+      raise SystemExit(f"{path} worker failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+  row = one(["--which=big"] if path == "train" else [])
+  if path == "train":
+    row["baseline_mb"] = one(["--which=small"])["peak_mb"]
   file_mb = line.stat().st_size / 2**20
   row["file_mb"] = round(file_mb, 1)
   row["growth_mb_per_file_mb"] = round((row["peak_mb"] - row["baseline_mb"]) / file_mb, 3)
@@ -158,13 +204,15 @@ def run_path(path: str, tmp: pathlib.Path, line: pathlib.Path, args: argparse.Na
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--mb", type=float, default=200.0, help="size of the one-line file, MB")
-  ap.add_argument("--paths", default="files,root", help="comma list of: files, root")
+  ap.add_argument("--paths", default="files,root", help="comma list of: files, root, train")
+  ap.add_argument("--train_steps", type=int, default=20, help="steps of the train path")
   ap.add_argument("--chunk_chars", type=int, default=0, help="data.tokenize_chunk_chars (0: default)")
   ap.add_argument("--tokenizer_max_chars", type=int, default=3_000_000)
   ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
   ap.add_argument("--file", default="", help=argparse.SUPPRESS)
   ap.add_argument("--val", default="", help=argparse.SUPPRESS)
   ap.add_argument("--root", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--which", default="big", help=argparse.SUPPRESS)
   ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:

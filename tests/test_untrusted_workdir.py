@@ -90,14 +90,36 @@ def test_second_writer_refused_and_stale_lock_taken_over(tmp_path):
 
 
 def test_concurrent_trainers_second_refuses(trained, tmp_path):
-  workdir = tmp_path / "busy"
-  shutil.copytree(trained, workdir)
-  with lock.hold(workdir, "dlm train (test)"):
-    proc = dlm("train", f"--config={SMOKE}", f"--workdir={workdir}", "--config.train.steps=20",
-               "--config.train.checkpoint_every=5", "--config.train.eval_every=10")
-  assert proc.returncode == 1
-  assert "is being written by pid" in proc.stderr.strip().splitlines()[-1]
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "5"]
+  """A real first trainer runs on; the second refuses in one line; every checkpoint restores."""
+  import os
+  import time
+  workdir = _copy(trained, tmp_path / "busy")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  first = subprocess.Popen(
+      [sys.executable, "-m", "dlm.main", "train", f"--config={SMOKE}", f"--workdir={workdir}",
+       "--config.train.steps=60", "--config.train.checkpoint_every=10",
+       "--config.train.eval_every=60", "--config.train.max_to_keep=20"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+  try:
+    deadline = time.monotonic() + 240
+    while not lock.is_held(workdir) and first.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert lock.is_held(workdir), "the first trainer never took the lock"
+    second = dlm("train", f"--config={SMOKE}", f"--workdir={workdir}", "--config.train.steps=40",
+                 "--config.train.checkpoint_every=5", "--config.train.eval_every=40")
+    out, err = first.communicate(timeout=600)
+  finally:
+    first.kill()
+  assert second.returncode == 1
+  assert "is being written by pid" in second.stderr.strip().splitlines()[-1]
+  assert first.returncode == 0, err
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+  assert steps == [5, 10, 20, 30, 40, 50, 60], steps
+  assert all(checkpoint.verify(workdir / "checkpoints" / str(s)) for s in steps)
+  from dlm import workdir as workdir_lib
+  for s in steps:
+    assert workdir_lib.load_run(workdir, step=s).step == s
+  assert not list(workdir.glob("checkpoints/*.orbax-checkpoint-tmp*"))
 
 
 def test_flipped_byte_falls_back_in_sample_and_train(trained, tmp_path):
@@ -242,14 +264,24 @@ def test_cli_errors_are_one_line_with_the_traceback_under_dlm_debug(trained, tmp
   flagfile.write_bytes(b"--prompt=\xff\xfe\n")
   proc = dlm("sample", f"--workdir={trained}", f"--flagfile={flagfile}")
   assert proc.returncode == 2 and "--flagfile is not UTF-8" in proc.stderr.strip().splitlines()[-1]
+  garbled = _copy(trained, tmp_path / "garbled")
+  (garbled / "config.json").write_bytes(b'{"model": \x96}')
+  proc = dlm("sample", f"--workdir={garbled}", "--prompt=def ", "--num_samples=1")
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+      f"dlm sample: error: {garbled}/config.json is not UTF-8 text (byte 0x96 at offset 10)")
   readonly = _copy(trained, tmp_path / "ro")
   if not _immutable(readonly, True):
     pytest.skip("cannot make a directory unwritable here (root without chattr)")
+  before = sorted(str(p) for p in readonly.rglob("*"))
   try:
     proc = dlm("plot", f"--workdir={readonly}")
     debug = dlm("plot", f"--workdir={readonly}", env_extra={"DLM_DEBUG": "1"})
+    train = dlm("train", f"--config={SMOKE}", f"--workdir={readonly}", "--config.train.steps=12")
   finally:
     _immutable(readonly, False)
+  assert train.returncode == 1 and train.stderr.strip().splitlines()[-1] == (
+      f"dlm train: error: --workdir={readonly} is not writable; fix its permissions or pick another")
+  assert sorted(str(p) for p in readonly.rglob("*")) == before
   last = proc.stderr.strip().splitlines()[-1]
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert last.startswith(f"dlm plot: error: {readonly}/") and "permissions" in last
