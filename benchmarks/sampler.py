@@ -27,7 +27,6 @@ import numpy as np
 
 from dlm import api
 from dlm.models import transformer
-from dlm.sample import dream, fast_dllm, llada
 
 MASK, EOS = 250, 251
 
@@ -142,20 +141,21 @@ def main() -> None:
     prompt = rng.integers(3, 240, (1, 16)).astype(np.int32)
     steps = gen  # one token per step, as the references are usually run
     runs = {
-        "llada": lambda pr: llada.run(m, pr, steps=steps, gen_length=gen,
-                                      block_length=args.block),
-        "dream": lambda pr: dream.run(m, pr, steps=steps, max_new_tokens=gen, alg="entropy"),
-        "fast_dllm_threshold": lambda pr: fast_dllm.run(
-            m, pr, steps=steps, gen_length=gen, block_length=args.block, threshold=0.9,
-            use_cache="none"),
-        "fast_dllm_dual": lambda pr: fast_dllm.run(
-            m, pr, steps=steps, gen_length=gen, block_length=args.block, threshold=0.9,
-            use_cache="dual"),
+        "llada": lambda pr: m.generate(pr, sampler="llada", steps=steps, gen_length=gen,
+                                       block_length=args.block),
+        "dream": lambda pr: m.generate(pr, sampler="dream", steps=steps, max_new_tokens=gen,
+                                       alg="entropy"),
+        "fast_dllm_threshold": lambda pr: m.generate(
+            pr, sampler="fast_dllm", steps=steps, gen_length=gen, block_length=args.block,
+            threshold=0.9, use_cache="none"),
+        "fast_dllm_dual": lambda pr: m.generate(
+            pr, sampler="fast_dllm", steps=steps, gen_length=gen, block_length=args.block,
+            threshold=0.9, use_cache="dual"),
     }
     row = {}
     for name, fn in runs.items():
       secs, st = timed(fn, prompt)
-      nfe = int(getattr(st, "nfe", getattr(st, "step", 0)))
+      nfe = int(st.nfe)
       row[name] = {"seconds": round(secs, 3), "nfe": nfe, "tokens_per_s": round(gen / secs, 1),
                    "s_per_call": round(secs / max(nfe, 1), 4)}
       print(f"gen {gen} {name}: {secs:.2f} s, nfe {nfe}, {gen / secs:.1f} tok/s")

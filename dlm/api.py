@@ -12,16 +12,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dlm import jsonfile, processes
+from dlm import jsonfile
 from dlm.errors import UserError
 from dlm.models import transformer
+from dlm.sample import engine
 from dlm.train import checkpoint, state as state_lib
 
 
-@dataclasses.dataclass
-class GenerateOutput:
-  sequences: np.ndarray  # int32 [B, P + gen]: the prompt and what was generated
-  nfe: int  # denoiser calls
+GenerateOutput = engine.Output  # .sequences, .nfe, .committed_at, .texts
 
 
 @dataclasses.dataclass
@@ -96,65 +94,19 @@ class DiffusionLM:
       raise UserError(f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
     return np.asarray(self._apply(self.params, ids, None, attention_mask=mask, raw_logits=True))
 
-  def generate(self, prompt_ids: Any, attention_mask: Any = None, *, sampler: str = "llada",
+  def generate(self, prompt_ids: Any, attention_mask: Any = None, *, sampler: str | None = None,
                seed: int = 0, **knobs: Any) -> GenerateOutput:
-    """Generates after each prompt with a named sampler and the reference code's knob names.
+    """Generates after each prompt with a sampler and the reference code's knob names.
 
-    ``llada`` (steps, gen_length, block_length, temperature, cfg_scale, remasking,
-    logits_eos_inf, confidence_eos_eot_inf), ``dream`` (max_new_tokens, steps,
-    alg, alg_temp, temperature, top_p, top_k, eps), ``fast_dllm`` (steps,
-    gen_length, block_length, threshold, use_cache), ``ancestral`` (steps,
-    gen_length, temperature, top_p).  Rows of different lengths are
-    left-padded with ``attention_mask`` (llada, dream).
+    ``sampler``: a registered name (``llada``, ``dream``, ``fast_dllm``,
+    ``ancestral``) or ``"pkg.mod:make"``; None uses the model's own
+    (``config.sample.sampler``).  Each sampler lists its knobs
+    (``dlm.sample.engine.resolve(name).knobs``); an unknown knob is an error.
+    Rows of different lengths are left-padded with ``attention_mask`` (llada, dream).
+    Returns ``.sequences`` (prompt included), ``.nfe``, ``.committed_at``, ``.texts``.
     """
-    from dlm.sample import dream, fast_dllm, llada
-    prompt = np.asarray(prompt_ids, np.int32)
-    if prompt.ndim == 1:
-      prompt = prompt[None]
-    padded = attention_mask is not None and not np.all(np.asarray(attention_mask))
-    if sampler == "llada":
-      st = llada.run(self, prompt, attention_mask, seed=seed, **knobs)
-      return GenerateOutput(np.asarray(st.x), int(st.step))
-    if sampler == "dream":
-      st = dream.run(self, prompt, attention_mask, seed=seed, **knobs)
-      return GenerateOutput(np.asarray(st.x), int(st.step))
-    if padded and sampler in ("fast_dllm", "ancestral"):
-      raise UserError(f"sampler {sampler!r} takes prompts of one length (no padding); use"
-                      " sampler='llada' or 'dream', or one prompt at a time")
-    if sampler == "fast_dllm":
-      st = fast_dllm.run(self, prompt, **knobs)
-      return GenerateOutput(np.asarray(st.x), int(st.nfe))
-    if sampler == "ancestral":
-      return self._ancestral(prompt, seed=seed, **knobs)
-    raise UserError(f"sampler {sampler!r} unknown; use one of {list(SAMPLER_NAMES)}")
-
-  def _ancestral(self, prompt: np.ndarray, *, seed: int, steps: int = 64, gen_length: int = 64,
-                 temperature: float = 1.0, top_p: float = 1.0) -> GenerateOutput:
-    from dlm.sample import samplers
-    b, p = prompt.shape
-    mask_id = self.ids["mask"]
-    given = np.concatenate([prompt, np.full((b, gen_length), mask_id, np.int32)], axis=1)
-    fixed = np.concatenate([np.ones((b, p), bool), np.zeros((b, gen_length), bool)], axis=1)
-    process = processes.make_process(self.config.process, vocab_size=self.model_cfg.vocab_size,
-                                     mask_id=mask_id)
-    prepare, apply = self.sampling
-
-    def build() -> Any:
-      def fn(params: Any, rng: jax.Array, g: jax.Array, f: jax.Array) -> Any:
-        params = prepare(params)
-        smp = samplers.make_sampler("ancestral", lambda x, t: apply(params, x, t), process,
-                                    steps=steps, temperature=temperature, top_p=top_p,
-                                    denoiser_uses_t=self.model_cfg.time_conditioning)
-        return samplers.run(smp, rng, g, f)
-      return fn
-
-    fn = self.jitted("ancestral", dict(steps=steps, temperature=temperature, top_p=top_p), build)
-    final = fn(self.sampling_params(), jax.random.key(seed), jnp.asarray(given),
-               jnp.asarray(fixed))
-    return GenerateOutput(np.asarray(final.x), int(final.nfe))
-
-
-SAMPLER_NAMES = ("ancestral", "llada", "dream", "fast_dllm")
+    from dlm.sample import engine
+    return engine.generate(self, prompt_ids, attention_mask, sampler=sampler, seed=seed, **knobs)
 
 
 def _is_hf_folder(path: pathlib.Path) -> bool:

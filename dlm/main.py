@@ -45,13 +45,15 @@ def _define_sample_flags() -> None:
   flags.DEFINE_string("workdir", None, "A trained run's directory.")
   flags.DEFINE_string("hf", None, "Sample a Hugging Face LLaDA/Dream folder directly.")
   flags.DEFINE_bool("chat", False, "Wrap --prompt in the model's chat template (instruct models).")
-  flags.DEFINE_enum("sampler", None, ["ancestral", "llada", "dream", "fast_dllm"],
-                    "Sampling strategy (default: config.sample.sampler).")
+  flags.DEFINE_string("sampler", None, "ancestral, llada, dream, fast_dllm or pkg.mod:make"
+                      " (default: config.sample.sampler).")
+  flags.DEFINE_multi_string("knob", None, "NAME=VALUE: any knob of the sampler (JSON values).")
   flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate after --prompt (llada, dream,"
                        " fast_dllm; default: fill --length).")
   flags.DEFINE_integer("block_length", None, "Semi-autoregressive block (llada, fast_dllm).")
   flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance (llada).")
-  flags.DEFINE_enum("remasking", "low_confidence", ["low_confidence", "random"], "llada.")
+  flags.DEFINE_enum("remasking", "low_confidence", ["low_confidence", "random"],
+                    "llada, fast_dllm.")
   flags.DEFINE_enum("alg", "entropy", ["origin", "maskgit_plus", "topk_margin", "entropy"], "dream.")
   flags.DEFINE_integer("top_k", None, "dream: keep the k largest logits.")
   flags.DEFINE_float("threshold", None, "fast_dllm: commit every candidate this confident.")
@@ -117,9 +119,56 @@ def cmd_train() -> None:
     print(json.dumps(result))
 
 
-def cmd_sample() -> None:
-  from dlm.errors import UserError
+# sampler knobs that have a flag of their own (others: --knob=NAME=VALUE)
+_KNOB_FLAGS = ("block_length", "cfg_scale", "remasking", "alg", "top_k", "threshold", "use_cache")
+
+
+def _knob_value(text: str) -> object:
+  """A --knob value: JSON (numbers, true/false, null, lists), else the text as a string."""
+  try:
+    return json.loads(text)
+  except ValueError:
+    return text
+
+
+def _sample_knobs(make, name: str, run, temperature: float, top_p: float) -> dict:
+  """The sampler's knobs from the flags given (an inapplicable flag is one line) and the config."""
   from dlm.sample import generate
+  f = flags.FLAGS
+  takes = make.knobs
+  given = [k for k in _KNOB_FLAGS if f[k].present]
+  given += [k for k in ("temperature", "top_p") if f[k].value is not None]
+  for k in given:
+    if k not in takes:
+      raise _usage(f"--{k} is not a knob of sampler {name!r}; its knobs:"
+                   f" {', '.join(takes)} (others pass as --knob=NAME=VALUE)")
+  # a flag with a default of its own (--use_cache=dual, --alg=entropy) sets the knob it names
+  knobs = {k: f[k].value for k in _KNOB_FLAGS + ("temperature", "top_p")
+           if k in takes and f[k].value is not None}
+  if name == "dream" and knobs.get("top_p") == 1.0:
+    knobs["top_p"] = None  # Dream filters only below 1
+  if "steps" in takes:
+    knobs["steps"] = generate.pick_count("steps", f.steps, run.config.sample.steps)
+  elif f.steps is not None:
+    raise _usage(f"--steps is not a knob of sampler {name!r}; its knobs: {', '.join(takes)}")
+  if "temperature" in takes and "temperature" not in knobs and make.infill:
+    knobs["temperature"] = temperature  # config.sample's, for template samplers (ancestral)
+  if "top_p" in takes and "top_p" not in knobs and make.infill:
+    knobs["top_p"] = top_p
+  for item in f.knob or []:
+    key, sep, value = item.partition("=")
+    if not sep or key not in takes:
+      raise _usage(f"--knob={item!r}: sampler {name!r} takes {', '.join(takes)}"
+                   " (as --knob=NAME=VALUE)")
+    knobs[key] = _knob_value(value)
+  return knobs
+
+
+def cmd_sample() -> None:
+  import numpy as np
+  from dlm import api
+  from dlm.errors import UserError
+  from dlm.sample import engine, generate, trajectory
   from dlm.workdir import is_imported, load_imported, load_run
   f = flags.FLAGS
   # every value given on the command line, checked before anything loads
@@ -137,6 +186,8 @@ def cmd_sample() -> None:
     if f.chat:
       raise _usage("--chat wraps --prompt in the chat template; drop --infill or --chat")
     generate.parse_template(f.infill, gap_length=f.gap_length)  # strict markers, before loading
+  if f.sampler is not None:
+    make = engine.resolve(f.sampler)  # the user's own name: module:function allowed
   trust = f.trust_config_code
   if f.hf:
     run = load_imported(f.hf, trust_config_code=trust)
@@ -144,15 +195,19 @@ def cmd_sample() -> None:
     run = load_imported(_workdir(), trust_config_code=trust)
   else:
     run = load_run(_workdir(), trust_config_code=trust)
-  if run.tokenizer is None:
+  tok = run.tokenizer
+  if tok is None:
     raise UserError(f"{f.hf or f.workdir} has no tokenizer.json; dlm sample needs it to read"
                     " --prompt: copy the model's tokenizer files there")
   if f.chat:
-    if not callable(getattr(run.tokenizer, "apply_chat_template", None)):
+    if not callable(getattr(tok, "apply_chat_template", None)):
       raise UserError(f"{f.hf or f.workdir} has no chat template (its tokenizer is dlm's"
                       " sentencepiece model): drop --chat")
-    prompt = run.tokenizer.apply_chat_template([{"role": "user", "content": prompt or ""}])
+    prompt = tok.apply_chat_template([{"role": "user", "content": prompt or ""}])
   sc = run.config.sample
+  name = f.sampler or sc.sampler
+  if f.sampler is None:
+    make = engine.resolve(name)  # from config.json: registered names only (read_config checks)
   length = generate.pick_count("length", f.length,
                                sc.get("length") or run.config.data.seq_len)  # config 0: seq_len
   temperature = generate.check_real(
@@ -160,84 +215,42 @@ def cmd_sample() -> None:
       sc.temperature if f.temperature is None else f.temperature)
   top_p = generate.check_real("--top_p" if f.top_p is not None else "config.sample.top_p",
                               sc.top_p if f.top_p is None else f.top_p, high=1.0, low_open=True)
-  sampler = f.sampler or sc.sampler
-  if sampler != "ancestral":
-    return _sample_with(sampler, run, prompt, length, temperature, top_p)
-  if f.trajectory:
-    raise _usage("--trajectory needs --sampler=llada|dream|fast_dllm")
-  given, fixed = generate.build_template(run.tokenizer, length=length, prompt=prompt,
-                                         infill=f.infill, gap_length=f.gap_length)
-  from dlm.models import decode
-  prepare, apply = decode.for_sampling(run.model_cfg, run.apply)
-  batches = generate.sample_batches(
-      apply, run.process, given, fixed, params=run.params, prepare=prepare,
-      num_samples=generate.pick_count("num_samples", f.num_samples, sc.num_samples),
-      batch_size=generate.pick_count("batch_size", f.batch_size, sc.get("batch_size", 16)),
-      seed=sc.seed if f.seed is None else f.seed, sampler=sampler,
-      steps=generate.pick_count("steps", f.steps, sc.steps), temperature=temperature,
-      top_p=top_p, denoiser_uses_t=run.model_cfg.time_conditioning)
-  for start, tokens, nfe in batches:  # each batch printed as it finishes
-    for i, text in enumerate(generate.decode_samples(run.tokenizer, tokens), start):
-      generate.emit(f"===== sample {i} (step {run.step}, nfe {nfe}) =====\n{text}")
-
-
-def _sample_with(sampler: str, run, prompt: str | None, length: int, temperature: float,
-                 top_p: float) -> None:
-  """`dlm sample --sampler=llada|dream|fast_dllm`: prompt + generation, stop at EOS, trimmed.
-
-  The samples run in batches of --batch_size (one compiled program; the last batch is run
-  full and cut), each printed as it finishes, with a progress bar on stderr.
-  """
-  import numpy as np
-  from dlm import api
-  from dlm.errors import UserError
-  from dlm.sample import generate, trajectory
-  f = flags.FLAGS
-  if f.infill:
-    raise _usage("--infill needs --sampler=ancestral; llada, dream and fast_dllm continue a --prompt")
-  if sampler not in ("llada", "dream", "fast_dllm"):
-    raise UserError(f"config.sample.sampler={sampler!r} is not ancestral, llada, dream or"
-                    " fast_dllm: pass --sampler")
-  tok = run.tokenizer
-  ids = tok.encode(prompt or "")
-  if not ids:
-    ids = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
-  new = f.max_new_tokens if f.max_new_tokens is not None else length - len(ids)
-  if new < 1:
-    raise _usage(f"--prompt is {len(ids)} tokens, no room in --length={length}; raise --length")
+  knobs = _sample_knobs(make, name, run, temperature, top_p)
   ids_map = {"mask": tok.mask_id, "eos": tok.eos_id, "pad": tok.pad_id, "bos": tok.bos_id}
   model = api.DiffusionLM(config=run.config, model_cfg=run.model_cfg, params=run.params,
                           ids=ids_map, tokenizer=tok, apply=run.apply)
-  sc = run.config.sample
-  steps = generate.pick_count("steps", f.steps, sc.steps)
-  block = f.block_length if f.block_length is not None else new
-  knobs = {
-      "llada": dict(steps=steps, gen_length=new, block_length=block, temperature=temperature,
-                    cfg_scale=f.cfg_scale, remasking=f.remasking),
-      "dream": dict(steps=steps, max_new_tokens=new, alg=f.alg, temperature=temperature,
-                    top_p=top_p if top_p < 1 else None, top_k=f.top_k),
-      "fast_dllm": dict(steps=steps, gen_length=new, block_length=block, threshold=f.threshold,
-                        use_cache=f.use_cache),
-  }[sampler]
-  from dlm.sample import dream, fast_dllm, llada
+  if make.infill:  # a template: the prompt, or --infill's gaps, within --length
+    if f.max_new_tokens is not None:
+      raise _usage(f"--max_new_tokens is for prompt samplers; sampler {name!r} fills --length")
+    given, fixed = generate.build_template(tok, length=length, prompt=prompt, infill=f.infill,
+                                           gap_length=f.gap_length)
+  else:
+    if f.infill:
+      raise _usage(f"--infill needs a template sampler: pass --sampler=ancestral ({name!r}"
+                   " continues a --prompt)")
+    ids = tok.encode(prompt or "")
+    if not ids:
+      ids = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+    new = f.max_new_tokens if f.max_new_tokens is not None else length - len(ids)
+    if new < 1:
+      raise _usage(f"--prompt is {len(ids)} tokens, no room in --length={length}; raise --length")
+    if make.length is not None:
+      knobs[make.length] = new
+    given, fixed, _ = engine.prompt_template(np.array([ids], np.int32), None, new,
+                                             model.ids["mask"])
+    given, fixed = given[0], fixed[0]
   num = generate.pick_count("num_samples", f.num_samples, sc.num_samples)
   size = min(generate.pick_count("batch_size", f.batch_size, sc.get("batch_size", 16)), num)
-  prompt_ids = np.array([ids] * size, np.int32)
   seed = sc.seed if f.seed is None else f.seed
+  g, fx = np.broadcast_to(given, (size, len(given))), np.broadcast_to(fixed, (size, len(fixed)))
   first = None  # (tokens, committed_at, nfe) of sample 0, for --trajectory
   for b, start, rows in generate.progress_batches(num, size):
-    if sampler == "llada":
-      st = llada.run(model, prompt_ids, seed=generate.batch_seed(seed, b), **knobs)
-    elif sampler == "dream":
-      st = dream.run(model, prompt_ids, seed=generate.batch_seed(seed, b), **knobs)
-    else:
-      st = fast_dllm.run(model, prompt_ids, **knobs)
-    nfe = int(st.nfe) if hasattr(st, "nfe") else int(st.step)
-    tokens = np.asarray(st.x)[:rows]
+    out = engine.sample(model, g, fx, sampler=name, seed=generate.batch_seed(seed, b), **knobs)
+    tokens = out.sequences[:rows]
     for i, text in enumerate(generate.decode_samples(tok, tokens), start):
-      generate.emit(f"===== sample {i} ({sampler}, nfe {nfe}) =====\n{text}")
+      generate.emit(f"===== sample {i} ({name}, nfe {out.nfe}, step {run.step}) =====\n{text}")
     if first is None and f.trajectory:
-      first = (tokens[0], np.asarray(st.committed_at)[0], nfe)
+      first = (tokens[0], out.committed_at[0], out.nfe)
   if first is not None:
     print(trajectory.write(f.trajectory, tok, *first))
 

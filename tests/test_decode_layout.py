@@ -12,7 +12,6 @@ from flax import nnx
 
 import dlm
 from dlm.models import decode, layers, transformer
-from dlm.sample import llada
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 
@@ -57,32 +56,32 @@ def test_a_sampler_compiles_once_per_knobs():
   m = dlm.from_pretrained(FIXTURES / "llada-tiny")
   assert m.sampling[1] is not m.apply  # CPU: decode layout by default
   knobs = dict(steps=4, gen_length=8, block_length=4)
-  a = llada.run(m, np.array([[5, 6, 7]]), **knobs)
-  b = llada.run(m, np.array([[5, 6, 7]]), **knobs)
-  np.testing.assert_array_equal(np.asarray(a.x), np.asarray(b.x))
+  a = m.generate(np.array([[5, 6, 7]]), sampler="llada", **knobs)
+  b = m.generate(np.array([[5, 6, 7]]), sampler="llada", **knobs)
+  np.testing.assert_array_equal(a.sequences, b.sequences)
   (fn,) = m.__dict__["_jitted"].values()
   assert fn._cache_size() == 1
-  llada.run(m, np.array([[5, 6, 7]]), **dict(knobs, steps=8))
+  m.generate(np.array([[5, 6, 7]]), sampler="llada", **dict(knobs, steps=8))
   assert len(m.__dict__["_jitted"]) == 2
   m.decode_layout = False  # switching layouts after a call takes effect
   assert m.sampling[1] is m.apply
-  c = llada.run(m, np.array([[5, 6, 7]]), **knobs)
+  c = m.generate(np.array([[5, 6, 7]]), sampler="llada", **knobs)
   assert len(m.__dict__["_jitted"]) == 3
-  np.testing.assert_array_equal(np.asarray(c.x), np.asarray(a.x))
+  np.testing.assert_array_equal(c.sequences, a.sequences)
 
 
 def test_sampling_params_are_converted_once_and_follow_new_weights():
   m = dlm.from_pretrained(FIXTURES / "llada-tiny")
   knobs = dict(steps=4, gen_length=8, block_length=4)
-  a = llada.run(m, np.array([[5, 6, 7]]), **knobs)
+  a = m.generate(np.array([[5, 6, 7]]), sampler="llada", **knobs)
   kept = m.sampling_params()
   assert decode.is_decode_layout(kept) and m.sampling_params() is kept
   assert decode.layout(m.model_cfg, kept) is kept  # prepare passes it through
   m.params = jax.tree.map(lambda w: -w, m.params)  # new weights: converted again
   assert m.sampling_params() is not kept
-  b = llada.run(m, np.array([[5, 6, 7]]), **knobs)
+  b = m.generate(np.array([[5, 6, 7]]), sampler="llada", **knobs)
   m.keep_sampling_params = False  # converted inside each call instead
   assert m.sampling_params() is m.params
-  np.testing.assert_array_equal(np.asarray(llada.run(m, np.array([[5, 6, 7]]), **knobs).x),
-                                np.asarray(b.x))
-  assert not np.array_equal(np.asarray(a.x), np.asarray(b.x))
+  again = m.generate(np.array([[5, 6, 7]]), sampler="llada", **knobs)
+  np.testing.assert_array_equal(again.sequences, b.sequences)
+  assert not np.array_equal(a.sequences, b.sequences)

@@ -11,7 +11,7 @@ import pytest
 
 import dlm
 from dlm.errors import UserError
-from dlm.sample import dream, llada
+from dlm.sample import llada
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "dream-tiny"
 CASES = {c["name"]: c for c in json.loads((FIXTURE / "generate.json").read_text())["cases"]}
@@ -34,16 +34,16 @@ def test_stacked_layout_matches_reference_diffusion_generate(model):
 
 
 def check_case(model, c) -> None:
-  state = dream.run(model, np.array(c["prompt"]), c["attention_mask"], steps=c["steps"],
-                    max_new_tokens=c["max_new_tokens"], alg=c["alg"], alg_temp=c["alg_temp"],
-                    eps=c["eps"], top_p=c["top_p"], top_k=c["top_k"],
-                    temperature=c.get("temperature") or 0.0)
-  np.testing.assert_array_equal(np.asarray(state.x), np.array(c["expected"]))
-  assert int(state.step) == c["nfe"]
+  out = model.generate(np.array(c["prompt"]), c["attention_mask"], sampler="dream",
+                       steps=c["steps"], max_new_tokens=c["max_new_tokens"], alg=c["alg"],
+                       alg_temp=c["alg_temp"], eps=c["eps"], top_p=c["top_p"], top_k=c["top_k"],
+                       temperature=c.get("temperature") or 0.0)
+  np.testing.assert_array_equal(out.sequences, np.array(c["expected"]))
+  assert out.nfe == c["nfe"]
   if c["alg"] != "origin":
-    assert llada.unmasked_per_step(state, c["steps"]) == c["unmasked_per_step"]
+    assert llada.unmasked_per_step(out.committed_at, c["steps"]) == c["unmasked_per_step"]
 
 
 def test_unknown_alg_is_a_one_line_error(model):
   with pytest.raises(UserError, match="alg='best' unknown"):
-    dream.run(model, np.array([[5, 6]]), steps=2, max_new_tokens=2, alg="best")
+    model.generate(np.array([[5, 6]]), sampler="dream", steps=2, max_new_tokens=2, alg="best")

@@ -118,15 +118,17 @@ def test_from_pretrained_and_export_of_a_trained_run(trained, tmp_path):
 @pytest.mark.parametrize("sampler", ["llada", "dream", "fast_dllm"])
 def test_sample_with_each_sampler_and_trajectory(trained, tmp_path, sampler):
   traj = tmp_path / ("t.png" if sampler == "dream" else "t.html")
+  own = {"llada": ["--block_length=8"], "dream": ["--alg=entropy"],
+         "fast_dllm": ["--block_length=8", "--threshold=0.5"]}[sampler]
   out = dlm("sample", f"--workdir={trained}", f"--sampler={sampler}", "--prompt=import os\n",
-            "--steps=8", "--max_new_tokens=16", "--block_length=8", "--num_samples=2",
-            "--threshold=0.5", f"--trajectory={traj}").stdout
+            "--steps=8", "--max_new_tokens=16", "--num_samples=2", *own,
+            f"--trajectory={traj}").stdout
   samples = out.split("===== sample ")[1:]
   assert len(samples) == 2 and all(f"({sampler}, nfe " in s for s in samples)
   assert all(s.split("\n", 1)[1].startswith("import os\n") for s in samples)
   assert traj.exists() and traj.stat().st_size > 200
   if traj.suffix == ".html":
-    assert traj.read_text().count("<div><b>") == int(samples[0].split("nfe ")[1].split(")")[0])
+    assert traj.read_text().count("<div><b>") == int(samples[0].split("nfe ")[1].split(",")[0])
   bad = ["--max_new_tokens=10", "--block_length=4"] if sampler != "dream" else ["--top_p=2"]
   r = dlm("sample", f"--workdir={trained}", f"--sampler={sampler}", "--prompt=x", "--steps=4",
           *bad, check=False)

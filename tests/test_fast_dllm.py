@@ -36,12 +36,14 @@ def test_stacked_layout_matches_reference(model, name):
 
 
 def check_case(model, c) -> None:
-  state = fast_dllm.run(model, np.array(c["prompt"]), steps=c["steps"],
-                        gen_length=c["gen_length"], block_length=c["block_length"],
-                        threshold=c["threshold"], use_cache=c["use_cache"])
-  np.testing.assert_array_equal(np.asarray(state.x), np.array(c["expected"]))
-  assert int(state.nfe) == c["nfe"]
-  assert fast_dllm.unmasked_per_nfe(state) == c["unmasked_per_nfe"]
+  # every knob of the reference passed explicitly, temperature and remasking included
+  out = model.generate(np.array(c["prompt"]), sampler="fast_dllm", steps=c["steps"],
+                       gen_length=c["gen_length"], block_length=c["block_length"],
+                       temperature=c["temperature"], remasking=c["remasking"],
+                       threshold=c["threshold"], use_cache=c["use_cache"])
+  np.testing.assert_array_equal(out.sequences, np.array(c["expected"]))
+  assert out.nfe == c["nfe"]
+  assert fast_dllm.unmasked_per_nfe(out.committed_at, out.nfe) == c["unmasked_per_nfe"]
 
 
 def test_window_pass_on_a_fresh_cache_equals_the_full_forward(model):
@@ -57,8 +59,8 @@ def test_window_pass_on_a_fresh_cache_equals_the_full_forward(model):
 
 def test_bad_knobs(model):
   with pytest.raises(UserError, match="use_cache='all' unknown"):
-    fast_dllm.run(model, np.array([[5, 6]]), steps=2, gen_length=4, block_length=2,
-                  use_cache="all")
+    model.generate(np.array([[5, 6]]), sampler="fast_dllm", steps=2, gen_length=4,
+                   block_length=2, use_cache="all")
   with pytest.raises(UserError, match=">= 2 steps per block"):
-    fast_dllm.run(model, np.array([[5, 6]]), steps=2, gen_length=4, block_length=2,
-                  use_cache="dual")
+    model.generate(np.array([[5, 6]]), sampler="fast_dllm", steps=2, gen_length=4,
+                   block_length=2, use_cache="dual")

@@ -39,13 +39,15 @@ def test_stacked_layout_matches_reference_generate(model, name):
 
 
 def check_case(model, c) -> None:
-  state = llada.run(model, np.array(c["prompt"]), c["attention_mask"], steps=c["steps"],
-                    gen_length=c["gen_length"], block_length=c["block_length"],
-                    cfg_scale=c["cfg_scale"], logits_eos_inf=c["logits_eos_inf"],
-                    confidence_eos_eot_inf=c["confidence_eos_eot_inf"])
-  np.testing.assert_array_equal(np.asarray(state.x), np.array(c["expected"]))
-  assert int(state.step) == c["nfe"]
-  per_step = llada.unmasked_per_step(state, c["steps"])
+  # every knob of the reference passed explicitly, its defaults included
+  out = model.generate(np.array(c["prompt"]), c["attention_mask"], sampler="llada",
+                       steps=c["steps"], gen_length=c["gen_length"],
+                       block_length=c["block_length"], temperature=0.0, cfg_scale=c["cfg_scale"],
+                       remasking="low_confidence", logits_eos_inf=c["logits_eos_inf"],
+                       confidence_eos_eot_inf=c["confidence_eos_eot_inf"])
+  np.testing.assert_array_equal(out.sequences, np.array(c["expected"]))
+  assert out.nfe == c["nfe"]
+  per_step = llada.unmasked_per_step(out.committed_at, c["steps"])
   ref = c["unmasked_per_nfe"]
   ref = [r if r and isinstance(r[0], list) else [r] for r in ref]  # batch-1 cases list positions
   assert per_step == ref
@@ -81,7 +83,7 @@ def test_mixed_length_batch_equals_one_prompt_at_a_time(sampler, knobs):
 
 def test_unknown_sampler_name():
   m = dlm.from_pretrained(FIXTURE)
-  with pytest.raises(UserError, match="sampler 'magic' unknown"):
+  with pytest.raises(UserError, match="unknown sampler 'magic'"):
     m.generate(np.array([[5, 6]]), sampler="magic")
 
 

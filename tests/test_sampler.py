@@ -173,6 +173,6 @@ def test_denoiser_cache_draws_the_same_tokens_with_fewer_calls(name):
   given, fixed = np.zeros(L, np.int32), np.zeros(L, bool)
   plain, nfe_plain = generate.sample_tokens(denoise, process, given, fixed, **kw)
   cached, nfe_cached = generate.sample_tokens(denoise, process, given, fixed,
-                                              denoiser_uses_t=False, **kw)
+                                              uses_t=False, **kw)
   np.testing.assert_array_equal(cached, plain)
   assert nfe_plain == 200 and 1 <= nfe_cached < 200

@@ -135,8 +135,11 @@ def test_huge_gap_is_refused_before_anything_is_built(hf):
   finally:
     tracemalloc.stop()
   assert peak < 1_000_000, peak
-  r = dlm("sample", f"--hf={hf}", "--infill=w4 <gap:150000000>", "--length=32", "--steps=2")
+  r = dlm("sample", f"--hf={hf}", "--infill=w4 <gap:150000000>", "--length=32", "--steps=2",
+          "--sampler=ancestral")
   assert r.returncode == 1 and "raise --length" in one_line(r.stderr)
+  r = dlm("sample", f"--hf={hf}", "--infill=w4 <gap:4>", "--steps=2")  # its default: llada
+  assert r.returncode == 2 and "pass --sampler=ancestral" in one_line(r.stderr)
 
 
 def test_non_utf8_prompt_is_one_line(hf):
@@ -247,8 +250,8 @@ def _headers(stdout: str) -> list[str]:
 
 def test_ancestral_samples_run_in_batches_with_a_progress_bar(hf):
   """`--num_samples=100000` showed nothing for minutes: batches print as they finish."""
-  r = dlm("sample", f"--hf={hf}", "--prompt=w4 w5", "--num_samples=5", "--batch_size=2",
-          "--steps=2", "--length=8", "--seed=3")
+  r = dlm("sample", f"--hf={hf}", "--sampler=ancestral", "--prompt=w4 w5", "--num_samples=5",
+          "--batch_size=2", "--steps=2", "--length=8", "--seed=3")
   assert r.returncode == 0, r.stderr
   heads = _headers(r.stdout)
   assert [int(i) for i, _ in heads] == [0, 1, 2, 3, 4], r.stdout

@@ -134,7 +134,7 @@ def test_flipped_byte_falls_back_in_sample_and_train(trained, tmp_path):
   target.write_bytes(bytes(raw))
   proc = dlm("sample", f"--workdir={workdir}", "--prompt=def ", "--num_samples=1", "--steps=2")
   assert proc.returncode == 0, proc.stderr
-  assert "(step 5," in proc.stdout and "does not match its sha256 digest" in proc.stderr
+  assert ", step 5) =====" in proc.stdout and "does not match its sha256 digest" in proc.stderr
   assert not newest.exists() and list((workdir / checkpoint.UNREADABLE).iterdir())
 
 
@@ -215,7 +215,7 @@ def test_stray_step_folder_and_missing_items_fall_back_in_sample_and_eval(traine
   (stray / "checkpoints" / "15").mkdir()  # a half-copied or hand-made newest step
   proc = dlm("sample", f"--workdir={stray}", "--prompt=def ", "--num_samples=1", "--steps=2")
   assert proc.returncode == 0, proc.stderr
-  assert "(step 10," in proc.stdout and "checkpoints/15 is unreadable" in proc.stderr
+  assert ", step 10) =====" in proc.stdout and "checkpoints/15 is unreadable" in proc.stderr
   # the data item and the orbax metadata gone: eval falls back (and keeps the EMA weights)
   missing = _copy(trained, tmp_path / "missing")
   shutil.rmtree(missing / "checkpoints" / "10" / "data")

@@ -90,7 +90,7 @@ def lower_train(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
 
 def lower_sample(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
   """(lowered LLaDA sampler, figures): the whole jitted loop; each step is one model call."""
-  from dlm.sample import llada
+  from dlm.sample import engine
   model_cfg, _ = _model(config)
   sc = config.sample
   l = int(sc.get("length", 0) or config.data.seq_len)
@@ -104,10 +104,17 @@ def lower_sample(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
   params = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), abstract_params, param_sh)
   apply = transformer.apply_fn(graphdef)
 
+  mask_id = tokenizer_lib.NUM_SPECIAL - 1
+  make = engine.resolve("llada")
+  knobs = engine.check_knobs("llada", make, dict(steps=steps, gen_length=gen, block_length=gen))
+
   def fn(params: Any, prompt: jax.Array, rng: jax.Array) -> jax.Array:
-    logits_fn = lambda x, am: apply(params, x, None, attention_mask=am)
-    return llada.generate(logits_fn, prompt, None, rng, mask_id=tokenizer_lib.NUM_SPECIAL - 1,
-                          steps=steps, gen_length=gen, block_length=gen).x
+    denoiser = engine.denoiser_of_apply(apply, params, mask_id=mask_id,
+                                        vocab_size=model_cfg.vocab_size)
+    given = jnp.concatenate([prompt, jnp.full((prompt.shape[0], gen), mask_id, jnp.int32)], 1)
+    fixed = jnp.arange(l)[None, :] < prompt_len
+    fixed = jnp.broadcast_to(fixed, given.shape)
+    return engine.run(make(denoiser, None, **knobs), rng, given, fixed).x
 
   row = parallel.batch_sharding(mesh, rules)
   jitted = jax.jit(step_lib.traced_in_mesh(fn, mesh, rules),

@@ -11,27 +11,18 @@ Logits are the shifted (aligned) ones; rows are left-padded with a mask.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-import chex
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from dlm.errors import UserError
-from dlm.sample import llada
+from dlm.sample import categorical as cat
+from dlm.sample import engine, llada
 
 Array = jax.Array
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 _FMIN = float(jnp.finfo(jnp.float32).min)
-
-
-@flax.struct.dataclass
-class DreamState:
-  x: Array  # int32 [B, L]
-  committed_at: Array  # int32 [B, L]
-  step: Array  # int32 []
-  rng: Array
 
 
 def filter_logits(logits: Array, top_p: float | None, top_k: int | None) -> Array:
@@ -52,12 +43,24 @@ def filter_logits(logits: Array, top_p: float | None, top_k: int | None) -> Arra
   return logits
 
 
-def generate(logits_fn: Callable[[Array, Array | None], Array], prompt: Array,
-             attention_mask: Array | None, rng: Array, *, mask_id: int, max_new_tokens: int,
-             steps: int, alg: str = "maskgit_plus", eps: float = 1e-3,
-             temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
-             alg_temp: float | None = None) -> DreamState:
-  """Dream ``diffusion_generate``: final state, ``x`` = prompt + generation; call under jit."""
+KNOBS = {
+    "max_new_tokens": engine.Knob(128, "tokens generated after the prompt"),
+    "steps": engine.Knob(128, "denoiser calls"),
+    "alg": engine.Knob("maskgit_plus", "confidence: origin, maskgit_plus, topk_margin, entropy"),
+    "alg_temp": engine.Knob(None, "random confidence-weighted transfer (only None or 0)"),
+    "eps": engine.Knob(1e-3, "last time of the linspace(1, eps, steps + 1) grid"),
+    "temperature": engine.Knob(0.0, "softmax temperature of the x0 draw; 0 = argmax"),
+    "top_p": engine.Knob(None, "nucleus filter before the draw (None: off)"),
+    "top_k": engine.Knob(None, "keep the k largest logits (None: off)"),
+}
+
+
+@engine.register("dream", knobs=KNOBS, length="max_new_tokens")
+def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int, steps: int,
+         alg: str, alg_temp: float | None, eps: float, temperature: float, top_p: float | None,
+         top_k: int | None) -> engine.Sampler:
+  """Dream ``diffusion_generate`` (Ye et al. 2025) on a prompt and ``max_new_tokens`` masks."""
+  del process
   if alg not in ALGS:
     raise UserError(f"alg={alg!r} unknown; use one of {list(ALGS)}")
   if steps < 1 or max_new_tokens < 1:
@@ -65,24 +68,23 @@ def generate(logits_fn: Callable[[Array, Array | None], Array], prompt: Array,
   if alg_temp:
     raise UserError("alg_temp > 0 (random confidence-weighted transfer) is not implemented;"
                     " use alg_temp=0 or None")
-  chex.assert_rank(prompt, 2)
-  b, p = prompt.shape
-  x = jnp.concatenate([prompt.astype(jnp.int32),
-                       jnp.full((b, max_new_tokens), mask_id, jnp.int32)], 1)
-  am = None
-  if attention_mask is not None:
-    am = jnp.concatenate([jnp.asarray(attention_mask, jnp.int32),
-                          jnp.ones((b, max_new_tokens), jnp.int32)], 1)
+  mask_id = denoiser.mask_id
   timesteps = jnp.linspace(1.0, eps, steps + 1, dtype=jnp.float32)
 
-  def step_fn(state: DreamState) -> DreamState:
-    i = state.step
-    masked = state.x == mask_id
-    logits = filter_logits(logits_fn(state.x, am).astype(jnp.float32), top_p, top_k)
+  def init(rng: Array, given: Array, fixed: Array, am: Array | None) -> engine.State:
+    return engine.initial_state(rng, given, fixed, jnp.full(given.shape, mask_id, jnp.int32),
+                                step=jnp.zeros((), jnp.int32), am=am)
+
+  def step_fn(state: engine.State) -> engine.State:
+    i = state.aux["step"]
+    b = state.x.shape[0]
+    masked = (state.x == mask_id) & ~state.fixed
+    logits, _ = denoiser(state.x, None, attention_mask=state.aux["am"])
+    logits = filter_logits(logits.astype(jnp.float32), top_p, top_k)
     rng, draw_rng, origin_rng = jax.random.split(state.rng, 3)
     if temperature > 0:
       logits = logits / temperature
-      x0 = jax.random.categorical(draw_rng, logits, axis=-1).astype(jnp.int32)
+      x0 = cat.categorical(draw_rng, logits)
     else:
       x0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -90,7 +92,7 @@ def generate(logits_fn: Callable[[Array, Array | None], Array], prompt: Array,
     last = i == steps - 1
     if alg == "origin":
       p_transfer = jnp.where(last, 1.0, 1.0 - s / t)
-      transfer = masked & (jax.random.uniform(origin_rng, masked.shape) < p_transfer)
+      transfer = masked & (cat.uniform_64bit(origin_rng, masked.shape) < p_transfer)
     else:
       if alg == "maskgit_plus":
         conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
@@ -105,29 +107,11 @@ def generate(logits_fn: Callable[[Array, Array | None], Array], prompt: Array,
       rank = llada.descending_rank(conf)
       transfer = masked & (rank < k)
     x = jnp.where(transfer, x0, state.x)
-    committed = jnp.where(transfer, i, state.committed_at)
-    return state.replace(x=x, committed_at=committed, step=i + 1, rng=rng)
+    committed = jnp.where(transfer, state.nfe, state.committed_at)
+    return state.replace(x=x, committed_at=committed, nfe=state.nfe + 1, rng=rng,
+                         aux=dict(state.aux, step=i + 1))
 
-  init = DreamState(x=x, committed_at=jnp.full(x.shape, -1, jnp.int32),
-                    step=jnp.zeros((), jnp.int32), rng=rng)
-  return jax.lax.while_loop(lambda s: s.step < steps, step_fn, init)
+  def done(state: engine.State) -> Array:
+    return state.aux["step"] >= steps
 
-
-def run(model: Any, prompt: Any, attention_mask: Any = None, *, seed: int = 0,
-        **knobs: Any) -> DreamState:
-  """``generate`` on a ``dlm.from_pretrained`` model (its aligned, shifted logits), jitted."""
-  prepare, apply = model.sampling
-  kw = dict(mask_id=model.ids["mask"])
-  kw.update(knobs)
-
-  def build() -> Callable[..., DreamState]:
-    def fn(params: Any, pr: Array, am: Array | None, rng: Array) -> DreamState:
-      params = prepare(params)
-      logits_fn = lambda x, a: apply(params, x, None, attention_mask=a)
-      return generate(logits_fn, pr, am, rng, **kw)
-    return fn
-
-  am = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  # params are an argument, not a closure: no weight constants baked into the program
-  fn = model.jitted("dream", kw, build)
-  return fn(model.sampling_params(), jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))
+  return engine.Sampler(init, step_fn, done)

@@ -20,109 +20,152 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from dlm.errors import UserError
-from dlm.sample import llada
+from dlm.sample import categorical as cat
+from dlm.sample import engine, llada
 
 Array = jax.Array
 CACHES = ("none", "prefix", "dual")
 
+KNOBS = {
+    "steps": engine.Knob(128, "passes in fixed-quota mode (a multiple of the number of blocks)"),
+    "gen_length": engine.Knob(128, "tokens generated after the prompt"),
+    "block_length": engine.Knob(None, "block decoded left to right (None: one block)"),
+    "temperature": engine.Knob(0.0, "Gumbel noise on logits / temperature; 0 = argmax"),
+    "remasking": engine.Knob("low_confidence", "confidence: low_confidence (softmax) or random"),
+    "threshold": engine.Knob(None, "commit every candidate this confident (None: fixed quota)"),
+    "use_cache": engine.Knob("none", "KV cache: none, prefix or dual"),
+}
 
-@flax.struct.dataclass
-class FastState:
-  x: Array  # int32 [B, L]
-  committed_at: Array  # int32 [B, L]: the pass (nfe index) that committed each position
-  nfe: Array  # int32 []
-  i: Array  # int32 []: passes in this block
-  done: Array  # bool []
 
-
-def _commit(x: Array, logits: Array, start: int, end: int, i: Array, quota: Array | None,
-            threshold: float | None, mask_id: int, nfe: Array,
-            committed_at: Array) -> tuple[Array, Array]:
-  """One pass's decision on the block [start, end) from logits aligned with x[:, start:end]."""
-  blk = x[:, start:end]
-  masked = blk == mask_id
-  x0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  conf = jnp.where(masked, jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0], -jnp.inf)
+def _commit(x: Array, logits: Array, start: Array, width: int, quota_k: Array,
+            threshold: float | None, mask_id: int, nfe: Array, committed_at: Array,
+            fixed: Array, rng: Array, temperature: float, remasking: str
+            ) -> tuple[Array, Array]:
+  """One pass's decision on the block [start, start + width) from logits aligned with it."""
+  blk = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
+  masked = (blk == mask_id) & ~jax.lax.dynamic_slice_in_dim(fixed, start, width, axis=1)
+  noise_rng, rand_rng = jax.random.split(rng)
+  if temperature > 0:  # Fast-dLLM's add_gumbel_noise: argmax of logits / T + Gumbel
+    x0 = jnp.argmax(logits / temperature + cat.gumbel(noise_rng, logits.shape), axis=-1)
+  else:
+    x0 = jnp.argmax(logits, axis=-1)
+  x0 = x0.astype(jnp.int32)
+  if remasking == "low_confidence":
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+  else:
+    conf = cat.uniform_64bit(rand_rng, x0.shape)
+  conf = jnp.where(masked, conf, -jnp.inf)
   rank = llada.descending_rank(conf)
   if threshold is None:
-    k = quota[jnp.minimum(i, quota.shape[0] - 1)]
-    transfer = masked & (rank < k)
+    transfer = masked & (rank < quota_k[:, None])
   else:
     transfer = masked & ((rank == 0) | (conf >= threshold))
   blk = jnp.where(transfer, x0, blk)
-  at = jnp.where(transfer, nfe, committed_at[:, start:end])
-  return x.at[:, start:end].set(blk), committed_at.at[:, start:end].set(at)
+  at = jnp.where(transfer, nfe, jax.lax.dynamic_slice_in_dim(committed_at, start, width, axis=1))
+  return (jax.lax.dynamic_update_slice_in_dim(x, blk, start, axis=1),
+          jax.lax.dynamic_update_slice_in_dim(committed_at, at, start, axis=1))
 
 
-def generate(model: Any, prompt: Array, *, mask_id: int, steps: int, gen_length: int,
-             block_length: int | None = None, threshold: float | None = None,
-             use_cache: str = "none", params: Any = None) -> FastState:
+@engine.register("fast_dllm", knobs=KNOBS, pads=False)
+def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_length: int,
+         block_length: int | None, temperature: float, remasking: str, threshold: float | None,
+         use_cache: str) -> engine.Sampler:
   """Fast-dLLM ``generate`` / ``generate_with_prefix_cache`` / ``generate_with_dual_cache``."""
+  del process
   if use_cache not in CACHES:
     raise UserError(f"use_cache={use_cache!r} unknown; use one of {list(CACHES)}")
   block_length = block_length or gen_length
-  blocks = llada.check_knobs(steps, gen_length, block_length, "low_confidence")
+  blocks = llada.check_knobs(steps, gen_length, block_length, remasking)
   per_block = steps // blocks
   if threshold is None and use_cache != "none" and per_block < 2:
     raise UserError(f"fixed-quota decoding with use_cache={use_cache!r} needs >= 2 steps per"
                     f" block, got {per_block}; raise steps or set threshold")
-  prepare, apply = model.sampling
-  params = prepare(model.params if params is None else params)
-  b, p = prompt.shape
-  x = jnp.concatenate([prompt.astype(jnp.int32), jnp.full((b, gen_length), mask_id, jnp.int32)], 1)
-  state = FastState(x=x, committed_at=jnp.full(x.shape, -1, jnp.int32),
-                    nfe=jnp.zeros((), jnp.int32), i=jnp.zeros((), jnp.int32),
-                    done=jnp.zeros((), bool))
-  for blk in range(blocks):
-    start, end = p + blk * block_length, p + (blk + 1) * block_length
-    n = jnp.sum(state.x[:, start:end] == mask_id, axis=1)[0]  # batch 1, as the reference
-    quota = n // per_block + (jnp.arange(per_block) < n % per_block).astype(jnp.int32)
-    state = state.replace(i=jnp.zeros((), jnp.int32), done=jnp.zeros((), bool))
+  mask_id = denoiser.mask_id
+
+  def init(rng: Array, given: Array, fixed: Array, am: Array | None) -> engine.State:
+    del am  # registered with pads=False
+    b, length = given.shape
+    x = jnp.where(fixed, given, mask_id)
+    aux = dict(block=jnp.zeros((), jnp.int32), i=jnp.zeros((), jnp.int32),
+               n=jnp.zeros((b,), jnp.int32))
+    if use_cache != "none":  # a cache of the right shape, filled by each block's first pass
+      _, cache = jax.eval_shape(lambda x: denoiser(x, None, fill_cache=True), x)
+      aux["cache"] = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), cache)
+    return engine.initial_state(rng, given, fixed, x, **aux)
+
+  def pass_on(state: engine.State, logits: Array, start: Array, rng: Array) -> engine.State:
+    i = state.aux["i"]
+    blk = jax.lax.dynamic_slice_in_dim(state.x, start, block_length, axis=1)
+    # the quota schedule from the masks at the block's start (LLaDA's), one per pass
+    n = jnp.where(i == 0, jnp.sum(blk == mask_id, axis=1).astype(jnp.int32), state.aux["n"])
+    j = jnp.minimum(i, per_block - 1)
+    k = n // per_block + (j < n % per_block).astype(jnp.int32)
+    x, at = _commit(state.x, logits, start, block_length, k, threshold, mask_id, state.nfe,
+                    state.committed_at, state.fixed, rng, temperature, remasking)
+    return state.replace(x=x, committed_at=at, nfe=state.nfe + 1,
+                         aux=dict(state.aux, i=i + 1, n=n))
+
+  def block_start(state: engine.State) -> Array:
+    return state.x.shape[1] - gen_length + state.aux["block"] * block_length
+
+  def full_pass(state: engine.State, rng: Array) -> engine.State:
+    start = block_start(state)
     if use_cache == "none":
-      def body(s: FastState) -> FastState:
-        logits = apply(params, s.x, None)[:, start:end]
-        x, at = _commit(s.x, logits, start, end, s.i, quota, threshold, mask_id, s.nfe,
-                        s.committed_at)
-        done = ~jnp.any(x[:, start:end] == mask_id)
-        return s.replace(x=x, committed_at=at, nfe=s.nfe + 1, i=s.i + 1, done=done)
+      logits, _ = denoiser(state.x, None)
+    else:
+      logits, cache = denoiser(state.x, None, fill_cache=True)
+      state = state.replace(aux=dict(state.aux, cache=cache))
+    logits = jax.lax.dynamic_slice_in_dim(logits, start, block_length, axis=1)
+    return pass_on(state, logits, start, rng)
 
-      state = jax.lax.while_loop(lambda s: ~s.done, body, state)
-      continue
-    logits, cache = apply(params, state.x, None, return_kv=True)
-    x, at = _commit(state.x, logits[:, start:end], start, end, state.i, quota, threshold,
-                    mask_id, state.nfe, state.committed_at)
-    state = state.replace(x=x, committed_at=at, nfe=state.nfe + 1, i=state.i + 1)
-    w0 = start
-    w1 = end if use_cache == "dual" else x.shape[1]
+  def cached_pass(state: engine.State, rng: Array) -> engine.State:
+    start = block_start(state)
+    if use_cache == "dual":  # the block alone, attending to the cached prefix and suffix
+      window = jax.lax.dynamic_slice_in_dim(state.x, start, block_length, axis=1)
+      logits, _ = denoiser(window, None, cache=state.aux["cache"], cache_start=start)
+      return pass_on(state, logits, start, rng)
+    p = state.x.shape[1] - gen_length
 
-    def cached(s: FastState, cache=cache, w0=w0, w1=w1, start=start, end=end,
-               quota=quota) -> FastState:
-      logits = apply(params, s.x[:, w0:w1], None, kv_cache=cache, cache_start=jnp.int32(w0))
-      x, at = _commit(s.x, logits[:, start - w0:end - w0], start, end, s.i, quota, threshold,
-                      mask_id, s.nfe, s.committed_at)
-      done = ~jnp.any(x[:, start:end] == mask_id)
-      return s.replace(x=x, committed_at=at, nfe=s.nfe + 1, i=s.i + 1, done=done)
+    def at_block(blk: int):  # prefix: x[start:] has a static width per block
+      def go(state: engine.State) -> engine.State:
+        w0 = p + blk * block_length
+        logits, _ = denoiser(state.x[:, w0:], None, cache=state.aux["cache"],
+                             cache_start=jnp.int32(w0))
+        return pass_on(state, logits[:, :block_length], jnp.int32(w0), rng)
+      return go
 
-    state = jax.lax.while_loop(lambda s: ~s.done, cached, state)
-  return state
+    return jax.lax.switch(state.aux["block"], [at_block(k) for k in range(blocks)], state)
+
+  def step(state: engine.State) -> engine.State:
+    rng, pass_rng = jax.random.split(state.rng)
+    state = state.replace(rng=rng)
+    if use_cache == "none":
+      state = full_pass(state, pass_rng)
+      check = jnp.bool_(True)
+    else:  # a block starts with a full pass; completion is checked after cached passes only
+      first = state.aux["i"] == 0
+      state = jax.lax.cond(first, full_pass, cached_pass, state, pass_rng)
+      check = ~first
+    start = block_start(state)
+    blk = jax.lax.dynamic_slice_in_dim(state.x, start, block_length, axis=1)
+    filled = check & ~jnp.any(blk == mask_id)
+    aux = dict(state.aux, block=state.aux["block"] + filled.astype(jnp.int32),
+               i=jnp.where(filled, 0, state.aux["i"]))
+    return state.replace(aux=aux)
+
+  def done(state: engine.State) -> Array:
+    return state.aux["block"] >= blocks
+
+  return engine.Sampler(init, step, done)
 
 
-def run(model: Any, prompt: Any, **knobs: Any) -> FastState:
-  """``generate`` on a ``dlm.from_pretrained`` model, jitted."""
-  kw = dict(mask_id=model.ids["mask"])
-  kw.update(knobs)
-  fn = model.jitted("fast_dllm", kw, lambda: lambda params, pr: generate(model, pr, params=params,
-                                                                         **kw))
-  return fn(model.sampling_params(), jnp.asarray(prompt, jnp.int32))
-
-
-def unmasked_per_nfe(state: FastState) -> list[list[int]]:
+def unmasked_per_nfe(committed_at: Any, nfe: int) -> list[list[int]]:
+  """Row 0's positions committed by each pass, in order (the fixtures' format)."""
   import numpy as np
-  at = np.asarray(state.committed_at)[0]
-  return [np.flatnonzero(at == s).tolist() for s in range(int(state.nfe))]
+  at = np.asarray(committed_at)[0]
+  return [np.flatnonzero(at == s).tolist() for s in range(int(nfe))]

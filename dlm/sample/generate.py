@@ -13,7 +13,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dlm.errors import UserError
-from dlm.sample import samplers
 
 GAP = re.compile(r"<gap(?::(\d+))?>")
 GAP_START = re.compile(r"<gap(?![A-Za-z_])")  # a marker begins here ("<gaps>" is plain text)
@@ -162,50 +161,33 @@ def emit(text: str) -> None:
   sys.stdout.flush()
 
 
-def sample_batches(denoise: Callable[..., jax.Array], process: Any,
-                   given: np.ndarray, fixed: np.ndarray, *, num_samples: int, seed: int,
-                   batch_size: int | None = None, sampler: str = "ancestral", params: Any = None,
-                   prepare: Callable[[Any], Any] | None = None,
-                   **knobs: Any) -> Iterator[tuple[int, np.ndarray, int]]:
-  """(first sample, tokens [n, L], nfe) per batch of at most ``batch_size`` samples.
-
-  One compiled program serves every batch (the last one is run full and cut); batch 0
-  draws from ``seed`` exactly as an unbatched run does.  A bar on stderr shows progress.
-  """
-  size = min(batch_size or num_samples, num_samples)
-  g = jnp.broadcast_to(jnp.asarray(given), (size, given.shape[-1]))
-  f = jnp.broadcast_to(jnp.asarray(fixed), (size, fixed.shape[-1]))
-
-  def fn(params: Any, rng: jax.Array, g: jax.Array, f: jax.Array) -> samplers.SamplerState:
-    if params is None:
-      model = denoise
-    else:
-      params = prepare(params) if prepare is not None else params
-      model = lambda x_t, t: denoise(params, x_t, t)
-    return samplers.run(samplers.make_sampler(sampler, model, process, **knobs), rng, g, f)
-
-  jitted = jax.jit(fn)
-  for i, start, rows in progress_batches(num_samples, size):
-    final = jitted(params, jax.random.key(batch_seed(seed, i)), g, f)
-    yield start, np.asarray(final.x)[:rows], int(final.nfe)
-
-
-def sample_tokens(denoise: Callable[..., jax.Array], process: Any,
+def sample_tokens(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], process: Any,
                   given: np.ndarray, fixed: np.ndarray, *, num_samples: int, seed: int,
-                  sampler: str = "ancestral", params: Any = None,
-                  prepare: Callable[[Any], Any] | None = None, batch_size: int | None = None,
-                  **knobs: Any) -> tuple[np.ndarray, int]:
-  """Runs the sampler on ``num_samples`` copies of the template: (tokens [N, L], nfe).
+                  sampler: str = "ancestral", batch_size: int | None = None,
+                  uses_t: bool = True, **knobs: Any) -> tuple[np.ndarray, int]:
+  """A sampler of the engine on ``num_samples`` copies of a template, over a plain
+  ``logits_fn(x_t, t)`` (an exact test denoiser, research code): (tokens [N, L], nfe).
 
-  ``denoise(x_t, t)``, or with ``params`` ``denoise(params, x_t, t)``: the weights are then
-  an argument of the jitted loop (not constants baked into it), first passed through
-  ``prepare`` inside the jit (the decode layout, dlm/models/decode.py).  ``batch_size``:
-  at most this many samples at once (``sample_batches``); nfe is the largest of a batch.
+  ``uses_t=False`` declares the denoiser time-independent (MDLM's denoiser cache).
+  Batches of at most ``batch_size`` share one compiled program; nfe is the largest.
   """
-  out = list(sample_batches(denoise, process, given, fixed, num_samples=num_samples, seed=seed,
-                            batch_size=batch_size, sampler=sampler, params=params,
-                            prepare=prepare, **knobs))
-  return np.concatenate([t for _, t, _ in out]), max(n for _, _, n in out)
+  from dlm.sample import engine
+  make = engine.resolve(sampler)
+  full = engine.check_knobs(sampler, make, knobs)
+  vocab = int(jax.eval_shape(logits_fn, jnp.zeros((1, given.shape[-1]), jnp.int32),
+                             jnp.ones((1,), jnp.float32)).shape[-1])
+  den = engine.denoiser_of_logits(logits_fn, mask_id=int(getattr(process, "mask_id", -1)),
+                                  vocab_size=vocab, uses_t=uses_t)
+  size = min(batch_size or num_samples, num_samples)
+  g = jnp.broadcast_to(jnp.asarray(given, jnp.int32), (size, given.shape[-1]))
+  f = jnp.broadcast_to(jnp.asarray(fixed, bool), (size, fixed.shape[-1]))
+  jitted = jax.jit(lambda rng, g, f: engine.run(make(den, process, **full), rng, g, f))
+  out, nfe = [], 0
+  for i, _, rows in progress_batches(num_samples, size):
+    final = jitted(jax.random.key(batch_seed(seed, i)), g, f)
+    out.append(np.asarray(final.x)[:rows])
+    nfe = max(nfe, int(final.nfe))
+  return np.concatenate(out), nfe
 
 
 def decode_samples(tokenizer: Any, tokens: np.ndarray, *, stop_at_eos: bool = True) -> list[str]:

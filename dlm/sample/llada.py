@@ -12,28 +12,16 @@ left-padded with an attention mask.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-import chex
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from dlm.errors import UserError
+from dlm.sample import categorical as cat
+from dlm.sample import engine
 
 Array = jax.Array
-# logits(x [B, L], attention_mask [B, L] or None) -> float32 [B, L, V], aligned (row i
-# predicts token i)
-Logits = Callable[[Array, Array | None], Array]
-
-
-@flax.struct.dataclass
-class LLaDAState:
-  x: Array  # int32 [B, L]
-  quota: Array  # int32 [B]: masks in the current block at its start
-  committed_at: Array  # int32 [B, L]: the call that committed each position (-1: never)
-  step: Array  # int32 []
-  rng: Array
 
 
 def check_knobs(steps: int, gen_length: int, block_length: int, remasking: str) -> int:
@@ -65,57 +53,63 @@ def descending_rank(conf: Array) -> Array:
   return jnp.sum(before, axis=-1).astype(jnp.int32)
 
 
-def generate(logits_fn: Logits, prompt: Array, attention_mask: Array | None, rng: Array, *,
-             mask_id: int, steps: int, gen_length: int, block_length: int | None = None,
-             temperature: float = 0.0, cfg_scale: float = 0.0,
-             remasking: str = "low_confidence", eos_id: int | None = None,
-             eot_id: int | None = None, logits_eos_inf: bool = False,
-             confidence_eos_eot_inf: bool = False) -> LLaDAState:
-  """LLaDA ``generate``: the final state (``x`` holds prompt + generation); call under jit."""
+KNOBS = {
+    "steps": engine.Knob(128, "denoiser calls in all (a multiple of the number of blocks)"),
+    "gen_length": engine.Knob(128, "tokens generated after the prompt"),
+    "block_length": engine.Knob(None, "semi-autoregressive block (None: one block of gen_length)"),
+    "temperature": engine.Knob(0.0, "Gumbel noise on logits / temperature; 0 = argmax"),
+    "cfg_scale": engine.Knob(0.0, "classifier-free guidance against the prompt-masked sequence"),
+    "remasking": engine.Knob("low_confidence", "commit order: low_confidence (softmax) or random"),
+    "logits_eos_inf": engine.Knob(False, "EOS logit -inf before the argmax"),
+    "confidence_eos_eot_inf": engine.Knob(False, "EOS/EoT logits -inf before the confidence"),
+}
+
+
+@engine.register("llada", knobs=KNOBS)
+def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_length: int,
+         block_length: int | None, temperature: float, cfg_scale: float, remasking: str,
+         logits_eos_inf: bool, confidence_eos_eot_inf: bool) -> engine.Sampler:
+  """LLaDA ``generate`` (Nie et al. 2025, Alg. 5) on a prompt followed by ``gen_length`` masks."""
+  del process  # LLaDA's sampler is the masked process' own, by construction
   block_length = block_length or gen_length
   blocks = check_knobs(steps, gen_length, block_length, remasking)
   per_block = steps // blocks
-  chex.assert_rank(prompt, 2)
-  b, p = prompt.shape
-  length = p + gen_length
-  x = jnp.concatenate([prompt.astype(jnp.int32), jnp.full((b, gen_length), mask_id, jnp.int32)], 1)
-  am = None  # no padding: no mask (an all-ones mask costs a select in every attention layer)
-  if attention_mask is not None:
-    am = jnp.concatenate([jnp.asarray(attention_mask, jnp.int32),
-                          jnp.ones((b, gen_length), jnp.int32)], 1)
-  prompt_index = x != mask_id  # what the unconditional CFG branch masks (pads included)
-  pos = jnp.arange(length)
+  mask_id, eos_id, eot_id = denoiser.mask_id, denoiser.eos_id, denoiser.eot_id
 
-  def block_bounds(step: Array) -> tuple[Array, Array, Array]:
+  def init(rng: Array, given: Array, fixed: Array, am: Array | None) -> engine.State:
+    b, length = given.shape
+    x = jnp.where(fixed, given, mask_id)
+    return engine.initial_state(rng, given, fixed, x, quota=jnp.zeros((b,), jnp.int32),
+                                step=jnp.zeros((), jnp.int32), am=am,
+                                prompt_index=x != mask_id)  # what the CFG branch masks (pads too)
+
+  def step_fn(state: engine.State) -> engine.State:
+    b, length = state.x.shape
+    p = length - gen_length
+    pos = jnp.arange(length)
+    step, am = state.aux["step"], state.aux["am"]
     blk = step // per_block
     start = p + blk * block_length
-    return blk, start, start + block_length
-
-  def masks_in_block(x: Array, step: Array) -> Array:
-    _, start, end = block_bounds(step)
-    inside = (pos >= start) & (pos < end)
-    return jnp.sum((x == mask_id) & inside, axis=1).astype(jnp.int32)
-
-  def logits_of(x: Array) -> Array:
-    if cfg_scale > 0:
-      un = jnp.where(prompt_index, mask_id, x)
-      both = logits_fn(jnp.concatenate([x, un], 0),
-                       None if am is None else jnp.concatenate([am, am], 0))
-      cond, uncond = both[:b], both[b:]
-      return uncond + (cfg_scale + 1.0) * (cond - uncond)
-    return logits_fn(x, am)
-
-  def step_fn(state: LLaDAState) -> LLaDAState:
-    i = state.step % per_block
-    quota = jnp.where(i == 0, masks_in_block(state.x, state.step), state.quota)
+    end = start + block_length
+    i = step % per_block
+    in_block = (pos >= start) & (pos < end)
+    n = jnp.sum((state.x == mask_id) & in_block, axis=1).astype(jnp.int32)
+    quota = jnp.where(i == 0, n, state.aux["quota"])
     k = quota // per_block + (i < quota % per_block).astype(jnp.int32)  # [B]
-    logits = logits_of(state.x).astype(jnp.float32)
+    if cfg_scale > 0:
+      un = jnp.where(state.aux["prompt_index"], mask_id, state.x)
+      both, _ = denoiser(jnp.concatenate([state.x, un], 0), None,
+                         attention_mask=None if am is None else jnp.concatenate([am, am], 0))
+      cond, uncond = both[:b], both[b:]
+      logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
+    else:
+      logits, _ = denoiser(state.x, None, attention_mask=am)
+    logits = logits.astype(jnp.float32)
     if logits_eos_inf and eos_id is not None:
       logits = logits.at[..., eos_id].set(-jnp.inf)
     rng, noise_rng, rand_rng = jax.random.split(state.rng, 3)
-    if temperature > 0:  # Gumbel-max on logits / temperature
-      g = jax.random.gumbel(noise_rng, logits.shape, jnp.float32)
-      x0 = jnp.argmax(logits / temperature + g, axis=-1)
+    if temperature > 0:  # Gumbel-max on logits / temperature, 64-bit uniforms
+      x0 = jnp.argmax(logits / temperature + cat.gumbel(noise_rng, logits.shape), axis=-1)
     else:
       x0 = jnp.argmax(logits, axis=-1)
     if confidence_eos_eot_inf:
@@ -126,45 +120,24 @@ def generate(logits_fn: Logits, prompt: Array, attention_mask: Array | None, rng
       probs = jax.nn.softmax(logits, axis=-1)
       conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
     else:
-      conf = jax.random.uniform(rand_rng, x0.shape, jnp.float32)
-    _, _, end = block_bounds(state.step)
-    masked = state.x == mask_id
+      conf = cat.uniform_64bit(rand_rng, x0.shape)
+    masked = (state.x == mask_id) & ~state.fixed  # given tokens never change, even a mask id
     conf = jnp.where(masked & (pos < end), conf, -jnp.inf)
     rank = descending_rank(conf)
     transfer = (rank < k[:, None]) & masked & (pos < end)
     x = jnp.where(transfer, x0.astype(jnp.int32), state.x)
-    committed = jnp.where(transfer, state.step, state.committed_at)
-    return state.replace(x=x, quota=quota, committed_at=committed, step=state.step + 1, rng=rng)
+    committed = jnp.where(transfer, state.nfe, state.committed_at)
+    return state.replace(x=x, committed_at=committed, nfe=state.nfe + 1, rng=rng,
+                         aux=dict(state.aux, quota=quota, step=step + 1))
 
-  init = LLaDAState(x=x, quota=jnp.zeros((b,), jnp.int32),
-                    committed_at=jnp.full((b, length), -1, jnp.int32),
-                    step=jnp.zeros((), jnp.int32), rng=rng)
-  return jax.lax.while_loop(lambda s: s.step < steps, step_fn, init)
+  def done(state: engine.State) -> Array:
+    return state.aux["step"] >= steps
+
+  return engine.Sampler(init, step_fn, done)
 
 
-def unmasked_per_step(state: LLaDAState, steps: int) -> list[list[list[int]]]:
+def unmasked_per_step(committed_at: Any, steps: int) -> list[list[list[int]]]:
   """For each call in order, per row, the positions it committed (the fixtures' format)."""
   import numpy as np
-  at = np.asarray(state.committed_at)
+  at = np.asarray(committed_at)
   return [[np.flatnonzero(row == s).tolist() for row in at] for s in range(steps)]
-
-
-def run(model: Any, prompt: Any, attention_mask: Any = None, *, seed: int = 0,
-        **knobs: Any) -> LLaDAState:
-  """``generate`` on a ``dlm.from_pretrained`` model (aligned logits), jitted."""
-  prepare, apply = model.sampling
-  ids = model.ids
-  kw = dict(mask_id=ids["mask"], eos_id=ids.get("eos"), eot_id=ids.get("eot"))
-  kw.update(knobs)
-
-  def build() -> Callable[..., LLaDAState]:
-    def fn(params: Any, pr: Array, am: Array | None, rng: Array) -> LLaDAState:
-      params = prepare(params)
-      logits_fn = lambda x, a: apply(params, x, None, attention_mask=a)
-      return generate(logits_fn, pr, am, rng, **kw)
-    return fn
-
-  am = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  # params are an argument, not a closure: no weight constants baked into the program
-  fn = model.jitted("llada", kw, build)
-  return fn(model.sampling_params(), jnp.asarray(prompt, jnp.int32), am, jax.random.key(seed))

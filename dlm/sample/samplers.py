@@ -1,47 +1,28 @@
-"""Samplers as ``init / step / done`` over a fixed-shape state, run in a jitted ``lax.while_loop``.
+"""Ancestral sampling over any process, in the one sampling contract (``dlm/sample/engine.py``).
 
-A sampler sees only the denoiser ``denoise(x_t, t) -> logits`` and the process,
-so a converted checkpoint and our own Transformer are interchangeable.  Given
-tokens (prompt, infilling context) are clamped after every step: they never
-change.
+The sampler sees only the ``Denoiser`` and the process, so a converted
+checkpoint and our own Transformer are interchangeable.  Given tokens (prompt,
+infilling context) are clamped after every step: they never change.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Any
 
-import chex
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dlm.registry import Registry
 from dlm.sample import categorical as cat
+from dlm.sample import engine
 
 Array = jax.Array
-Denoiser = Callable[[Array, Array], Array]
 
-SAMPLERS: Registry[Callable[..., "Sampler"]] = Registry("sampler")
-
-
-@flax.struct.dataclass
-class SamplerState:
-  x: Array  # int32 [B, L], the current x_t
-  given: Array  # int32 [B, L], tokens that are fixed
-  fixed: Array  # bool [B, L]
-  rng: Array  # key
-  step: Array  # int32 [], steps taken
-  nfe: Array  # int32 [], denoiser calls
-  logits: Array | None = None  # float32 [B, L, V]: the last call's (denoisers that ignore t)
-  logits_x: Array | None = None  # int32 [B, L]: the x those logits were computed from
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-  init: Callable[[Array, Array, Array], SamplerState]
-  step: Callable[[SamplerState], SamplerState]
-  done: Callable[[SamplerState], Array]
+KNOBS = {
+    "steps": engine.Knob(128, "denoising steps on t = 1, 1 - 1/T, ..., 0"),
+    "gen_length": engine.Knob(64, "tokens generated after a prompt (generate)"),
+    "temperature": engine.Knob(1.0, "softmax temperature of p(x0 | x_t); 0 = argmax"),
+    "top_p": engine.Knob(1.0, "nucleus mass of p(x0 | x_t), in (0, 1]"),
+}
 
 
 def x0_log_probs(process: Any, logits: Array, x_t: Array, temperature: float,
@@ -55,69 +36,64 @@ def x0_log_probs(process: Any, logits: Array, x_t: Array, temperature: float,
   return jax.nn.log_softmax(cat.adjust_logits(logits, temperature, top_p), axis=-1)
 
 
-@SAMPLERS.register("ancestral")
-def ancestral(denoise: Denoiser, process: Any, *, steps: int, temperature: float = 1.0,
-              top_p: float = 1.0, denoiser_uses_t: bool = True) -> Sampler:
+@engine.register("ancestral", knobs=KNOBS, pads=False, infill=True)
+def ancestral(denoiser: engine.Denoiser, process: Any, *, steps: int, gen_length: int = 64,
+              temperature: float = 1.0, top_p: float = 1.0) -> engine.Sampler:
   """Ancestral sampling x_s ~ p(x_s | x_t) on t = 1, 1-1/T, ..., 0 (MDLM eq. 7 / D3PM eq. 4).
 
   For absorbing processes the last step draws every still-masked position from
   p(x_0 | x_t) ("noise removal", MDLM), since alpha(0) = 1 - eps would leave a
   few masks; other processes take the posterior at s = 0 as is.
 
-  ``denoiser_uses_t=False`` (a model without time conditioning) turns on MDLM's
+  A denoiser without time conditioning (``denoiser.uses_t`` False) turns on MDLM's
   denoiser cache (Sahoo et al. 2024, sec. 3.4): when no token changed since the
   last call, its logits are reused and no call is made (``nfe`` counts calls).
   The draws are the same as without the cache; only the calls are saved.
   """
+  del gen_length  # sizes the template in engine.generate
   absorbing = hasattr(process, "x0_logits")
-  cache = not denoiser_uses_t
+  cache = not denoiser.uses_t
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
 
-  def init(rng: Array, given: Array, fixed: Array) -> SamplerState:
-    chex.assert_type(given, jnp.int32)
-    chex.assert_equal_shape([given, fixed])
-    rng, prior_rng = jax.random.split(rng)
-    x = jnp.where(fixed, given, process.sample_prior(prior_rng, given.shape))
-    logits = logits_x = None
-    if cache:
-      shape = jax.eval_shape(denoise, x, jnp.ones((x.shape[0],), jnp.float32)).shape
-      logits, logits_x = jnp.zeros(shape, jnp.float32), jnp.full(x.shape, -1, jnp.int32)
-    return SamplerState(x=x, given=given, fixed=fixed, rng=rng, step=jnp.zeros((), jnp.int32),
-                        nfe=jnp.zeros((), jnp.int32), logits=logits, logits_x=logits_x)
+  def call(x: Array, t: Array) -> Array:
+    return denoiser(x, t)[0].astype(jnp.float32)  # a model without time conditioning ignores t
 
-  def step(state: SamplerState) -> SamplerState:
-    b = state.x.shape[0]
-    t = jnp.full((b,), 1.0 - state.step / steps, jnp.float32)
-    s = jnp.full((b,), 1.0 - (state.step + 1) / steps, jnp.float32)
+  def init(rng: Array, given: Array, fixed: Array, am: Array | None) -> engine.State:
+    del am  # registered with pads=False
+    rng, prior_rng = jax.random.split(rng)
+    x = process.sample_prior(prior_rng, given.shape)
+    aux: dict[str, Any] = {"step": jnp.zeros((), jnp.int32)}
     if cache:
-      fresh = jnp.any(state.x != state.logits_x)
-      logits = jax.lax.cond(fresh, lambda: denoise(state.x, t).astype(jnp.float32),
-                            lambda: state.logits)
-      state = state.replace(logits=logits, logits_x=state.x)
+      shape = jax.eval_shape(call, x, jnp.ones((x.shape[0],), jnp.float32)).shape
+      aux.update(logits=jnp.zeros(shape, jnp.float32), logits_x=jnp.full(x.shape, -1, jnp.int32))
+    return engine.initial_state(rng, given, fixed, x, **aux)
+
+  def step(state: engine.State) -> engine.State:
+    b = state.x.shape[0]
+    i = state.aux["step"]
+    aux = dict(state.aux, step=i + 1)
+    t = jnp.full((b,), 1.0 - i / steps, jnp.float32)
+    s = jnp.full((b,), 1.0 - (i + 1) / steps, jnp.float32)
+    if cache:
+      fresh = jnp.any(state.x != state.aux["logits_x"])
+      logits = jax.lax.cond(fresh, lambda: call(state.x, t), lambda: state.aux["logits"])
+      aux.update(logits=logits, logits_x=state.x)
       calls = fresh.astype(jnp.int32)
     else:
-      logits, calls = denoise(state.x, t), 1  # [B, L, V]
+      logits, calls = call(state.x, t), 1  # [B, L, V]
     logp_x0 = x0_log_probs(process, logits, state.x, temperature, top_p)
     post = process.posterior_from_x0_probs(jnp.exp(logp_x0), state.x, t, s)  # [B, L, V]
     log_probs = jnp.log(post)
     if absorbing:
-      log_probs = jnp.where(state.step + 1 >= steps, logp_x0, log_probs)
+      log_probs = jnp.where(i + 1 >= steps, logp_x0, log_probs)
     rng, draw_rng = jax.random.split(state.rng)
     x = cat.categorical(draw_rng, log_probs)
     x = jnp.where(state.fixed, state.given, x)
-    return state.replace(x=x, rng=rng, step=state.step + 1, nfe=state.nfe + calls)
+    committed = jnp.where(x != state.x, state.nfe + calls - 1, state.committed_at)
+    return state.replace(x=x, rng=rng, nfe=state.nfe + calls, committed_at=committed, aux=aux)
 
-  def done(state: SamplerState) -> Array:
-    return state.step >= steps
+  def done(state: engine.State) -> Array:
+    return state.aux["step"] >= steps
 
-  return Sampler(init, step, done)
-
-
-def run(sampler: Sampler, rng: Array, given: Array, fixed: Array) -> SamplerState:
-  """The whole loop; call under ``jax.jit`` (the sampler's knobs are static)."""
-  return jax.lax.while_loop(lambda s: ~sampler.done(s), sampler.step, sampler.init(rng, given, fixed))
-
-
-def make_sampler(name: str, denoise: Denoiser, process: Any, **knobs: Any) -> Sampler:
-  return SAMPLERS.get(name)(denoise, process, **knobs)
+  return engine.Sampler(init, step, done)

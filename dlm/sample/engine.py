@@ -1,0 +1,312 @@
+"""One sampling engine: every sampler is a registered factory over one state, run by one loop.
+
+The contract (``make(denoiser, process, **knobs) -> Sampler``):
+
+* ``denoiser`` is a ``Denoiser``: the network with its weights bound, called as
+  ``denoiser(x_t, t, attention_mask=None, cache=None, cache_start=None,
+  fill_cache=False) -> (logits [B, W, V] float32, cache)``, plus the model's
+  special ids.  ``t`` may be None for models without time conditioning.
+* ``process`` is the model's forward process (``dlm.processes``).
+* ``Sampler(init, step, done)``: ``init(rng, given, fixed, attention_mask)``
+  builds a ``State``; ``step`` makes one or more denoiser calls; ``done`` says
+  when to stop.  ``run`` is the only loop (``lax.while_loop`` under ``jit``).
+* The factory declares its knobs (``register(name, knobs={...})``): each with a
+  default and a one-line doc.  ``check_knobs`` turns an unknown knob into one
+  line that lists the sampler's knobs.
+
+``sample`` (a template: given tokens and which are fixed) and ``generate`` (a
+prompt continued by ``gen_length`` tokens) are the entry points that
+``dlm sample`` and ``DiffusionLM.generate`` call; the compiled loop is kept on
+the model per sampler, knobs and shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlm.errors import UserError
+from dlm.registry import Registry
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class State:
+  """What every sampler carries; a sampler's own fields (KV cache, block index, ...) go in aux."""
+  x: Array  # int32 [B, L]: the current sequence x_t
+  given: Array  # int32 [B, L]: the template's tokens (prompt, infill context)
+  fixed: Array  # bool [B, L]: positions that never change
+  committed_at: Array  # int32 [B, L]: the call (nfe index) that last set each position; -1 given
+  nfe: Array  # int32 []: denoiser calls so far
+  rng: Array  # key
+  aux: dict[str, Any] = flax.struct.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  init: Callable[[Array, Array, Array, Array | None], State]
+  step: Callable[[State], State]
+  done: Callable[[State], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+  default: Any
+  doc: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+  """The network as samplers see it: weights bound, special ids and what it conditions on."""
+  fn: Callable[..., tuple[Array, Any]]
+  mask_id: int
+  vocab_size: int
+  uses_t: bool = False  # time-conditioned (needs t); False allows MDLM's denoiser cache
+  eos_id: int | None = None
+  eot_id: int | None = None
+
+  def __call__(self, x_t: Array, t: Array | None = None, *, attention_mask: Array | None = None,
+               cache: Any = None, cache_start: Array | None = None,
+               fill_cache: bool = False) -> tuple[Array, Any]:
+    return self.fn(x_t, t, attention_mask=attention_mask, cache=cache, cache_start=cache_start,
+                   fill_cache=fill_cache)
+
+
+def denoiser_of_apply(apply: Callable[..., Any], params: Any, **ids: Any) -> Denoiser:
+  """A ``Denoiser`` over our Transformer's ``apply(params, x_t, t, **kw)``."""
+
+  def fn(x_t, t, *, attention_mask=None, cache=None, cache_start=None, fill_cache=False):
+    kw: dict[str, Any] = {}
+    if attention_mask is not None:
+      kw["attention_mask"] = attention_mask
+    if cache is not None:
+      kw.update(kv_cache=cache, cache_start=cache_start)
+    if fill_cache:
+      return apply(params, x_t, t, return_kv=True, **kw)
+    return apply(params, x_t, t, **kw), cache
+
+  return Denoiser(fn=fn, **ids)
+
+
+def denoiser_of_logits(logits_fn: Callable[[Array, Array], Array], *, mask_id: int,
+                       vocab_size: int, uses_t: bool = True) -> Denoiser:
+  """A ``Denoiser`` over a plain ``logits_fn(x_t, t)`` (exact test denoisers, research code)."""
+
+  def fn(x_t, t, *, attention_mask=None, cache=None, cache_start=None, fill_cache=False):
+    if attention_mask is not None or cache is not None or fill_cache:
+      raise UserError("this denoiser is a plain logits_fn(x_t, t): it takes no attention_mask"
+                      " or KV cache; use a sampler without padding or caching")
+    return logits_fn(x_t, t), None
+
+  return Denoiser(fn=fn, mask_id=mask_id, vocab_size=vocab_size, uses_t=uses_t)
+
+
+SAMPLERS: Registry[Callable[..., Sampler]] = Registry("sampler")
+
+
+def register(name: str, *, knobs: dict[str, Knob], length: str | None = "gen_length",
+             pads: bool = True, infill: bool = False, doc: str = ""
+             ) -> Callable[[Callable[..., Sampler]], Callable[..., Sampler]]:
+  """Registers a sampler factory with its knobs.
+
+  ``length``: the knob that sizes the generation after a prompt (``generate``);
+  ``pads``: takes left-padded batches (an attention mask); ``infill``: takes any
+  template of fixed positions (``sample``), not only a prompt followed by masks.
+  """
+  def deco(make: Callable[..., Sampler]) -> Callable[..., Sampler]:
+    declare(make, knobs=knobs, length=length, pads=pads, infill=infill)
+    return SAMPLERS.register(name)(make)
+  return deco
+
+
+def declare(make: Callable[..., Sampler], *, knobs: dict[str, Knob],
+            length: str | None = "gen_length", pads: bool = True, infill: bool = False) -> None:
+  """Attaches the knob table to a factory (``register`` without a registry name, for
+  ``module:function`` samplers)."""
+  make.knobs = dict(knobs)  # type: ignore[attr-defined]
+  make.length = length  # type: ignore[attr-defined]
+  make.pads = pads  # type: ignore[attr-defined]
+  make.infill = infill  # type: ignore[attr-defined]
+
+
+def _builtins() -> None:
+  from dlm.sample import dream, fast_dllm, llada, samplers  # noqa: F401  (they register)
+
+
+def resolve(name: str) -> Callable[..., Sampler]:
+  """The factory of a registered name or a ``module:function``; one line if it is not a sampler."""
+  _builtins()
+  if not isinstance(name, str) or not name:
+    raise UserError(f"sampler must be a name, got {name!r}; known: {', '.join(SAMPLERS.names())}")
+  try:
+    make = SAMPLERS.get(name)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if not callable(make) or not isinstance(getattr(make, "knobs", None), dict):
+    raise UserError(f"sampler {name!r} is not a dlm sampler factory: decorate it with"
+                    " dlm.sample.engine.register(...) (or engine.declare) to give it its knobs")
+  return make
+
+
+def describe(make: Callable[..., Sampler]) -> str:
+  return ", ".join(f"{k}={v.default!r}" for k, v in make.knobs.items())
+
+
+def check_knobs(name: str, make: Callable[..., Sampler], knobs: dict[str, Any]) -> dict[str, Any]:
+  """The knobs with their defaults filled in; an unknown one is one line listing the sampler's."""
+  unknown = sorted(set(knobs) - set(make.knobs))
+  if unknown:
+    raise UserError(f"sampler {name!r} takes no knob {', '.join(map(repr, unknown))}; its knobs:"
+                    f" {describe(make)}")
+  return {k: knobs.get(k, v.default) for k, v in make.knobs.items()}
+
+
+def run(sampler: Sampler, rng: Array, given: Array, fixed: Array,
+        attention_mask: Array | None = None) -> State:
+  """The loop every sampler runs in; call under ``jax.jit`` (knobs are static)."""
+  chex.assert_type(given, jnp.int32)
+  chex.assert_equal_shape([given, fixed])
+  state = sampler.init(rng, given, fixed, attention_mask)
+  return jax.lax.while_loop(lambda s: ~sampler.done(s), sampler.step, state)
+
+
+def initial_state(rng: Array, given: Array, fixed: Array, x: Array, **aux: Any) -> State:
+  """A ``State`` at call 0 with ``x`` as the starting sequence (given tokens clamped in)."""
+  return State(x=jnp.where(fixed, given, x).astype(jnp.int32), given=given, fixed=fixed,
+               committed_at=jnp.full(given.shape, -1, jnp.int32), nfe=jnp.zeros((), jnp.int32),
+               rng=rng, aux=aux)
+
+
+# ------------------------------------------------------------------ entry points --
+
+
+@dataclasses.dataclass
+class Output:
+  sequences: np.ndarray  # int32 [B, L]: prompt (or template) and what was generated
+  nfe: int  # denoiser calls
+  committed_at: np.ndarray  # int32 [B, L]: the call that committed each position (-1 given)
+  texts: list[str] | None = None  # decoded generations, cut at the first EOS (with a tokenizer)
+
+
+def _process(model: Any) -> Any:
+  from dlm import processes
+  kept = model.__dict__.get("_process")
+  if kept is None:
+    kept = processes.make_process(model.config.process, vocab_size=model.model_cfg.vocab_size,
+                                  mask_id=model.ids["mask"])
+    model.__dict__["_process"] = kept
+  return kept
+
+
+def _ids(model: Any) -> dict[str, Any]:
+  ids = model.ids
+  return dict(mask_id=ids["mask"], vocab_size=model.model_cfg.vocab_size,
+              uses_t=bool(model.model_cfg.time_conditioning), eos_id=ids.get("eos"),
+              eot_id=ids.get("eot"))
+
+
+def default_sampler(model: Any) -> str:
+  """The model's own sampler: ``config.sample.sampler``, else its family's (llada, dream)."""
+  sample = model.config.get("sample") if hasattr(model.config, "get") else None
+  if sample is not None and sample.get("sampler"):
+    return sample.sampler
+  family = model.config.get("hf", {}).get("family") if "hf" in model.config else None
+  return {"dream": "dream"}.get(family, "llada")
+
+
+def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
+           sampler: str | None = None, seed: int = 0, rng: Array | None = None,
+           **knobs: Any) -> Output:
+  """Runs a sampler on a template (``given`` tokens, ``fixed`` positions) of a loaded model."""
+  name = sampler or default_sampler(model)
+  make = resolve(name)
+  full = check_knobs(name, make, knobs)
+  given = np.asarray(given, np.int32)
+  fixed = np.asarray(fixed, bool)
+  if given.ndim == 1:
+    given, fixed = given[None], fixed[None]
+  am = None
+  if attention_mask is not None:
+    am = np.asarray(attention_mask, np.int32)
+    if am.shape != given.shape:
+      raise UserError(f"attention_mask shape {am.shape} != the sequences' {given.shape}")
+    if np.all(am):
+      am = None  # no padding: no mask (it would cost a select in every attention layer)
+    elif not make.pads:
+      raise UserError(f"sampler {name!r} takes prompts of one length (no padding); use"
+                      " sampler='llada' or 'dream', or one prompt at a time")
+  prepare, apply = model.sampling
+  process = _process(model)
+  ids = _ids(model)
+
+  def build() -> Callable[..., State]:
+    def fn(params: Any, key: Array, g: Array, f: Array, a: Array | None) -> State:
+      params = prepare(params)
+      return run(make(denoiser_of_apply(apply, params, **ids), process, **full), key, g, f, a)
+    return fn
+
+  # params are an argument, not a closure: no weight constants baked into the program
+  fn = model.jitted(name, full, build)
+  key = jax.random.key(seed) if rng is None else rng
+  final = fn(model.sampling_params(), key, jnp.asarray(given), jnp.asarray(fixed),
+             None if am is None else jnp.asarray(am))
+  seqs = np.asarray(final.x)
+  return Output(sequences=seqs, nfe=int(final.nfe), committed_at=np.asarray(final.committed_at),
+                texts=_texts(model, seqs, fixed))
+
+
+def _texts(model: Any, seqs: np.ndarray, fixed: np.ndarray) -> list[str] | None:
+  """Each row's generation (after the prompt; the whole row for infill templates), cut at EOS."""
+  tok = getattr(model, "tokenizer", None)
+  if tok is None:
+    return None
+  out = []
+  for row, fix in zip(seqs.tolist(), fixed.tolist()):
+    p = fix.index(False) if False in fix else len(fix)
+    gen = row[p:] if not any(fix[p:]) else row  # a prompt then masks, else an infill template
+    if tok.eos_id is not None and tok.eos_id in gen:
+      gen = gen[:gen.index(tok.eos_id)]
+    out.append(tok.decode(gen))
+  return out
+
+
+def prompt_template(prompt: np.ndarray, attention_mask: Any, gen_length: int, mask_id: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """(given, fixed, attention_mask) of prompts [B, P] followed by ``gen_length`` masks."""
+  b, p = prompt.shape
+  given = np.concatenate([prompt, np.full((b, gen_length), mask_id, np.int32)], axis=1)
+  fixed = np.concatenate([np.ones((b, p), bool), np.zeros((b, gen_length), bool)], axis=1)
+  am = None
+  if attention_mask is not None:
+    am = np.asarray(attention_mask, np.int32)
+    if am.shape != prompt.shape:
+      raise UserError(f"attention_mask shape {am.shape} != prompt_ids {prompt.shape}")
+    am = np.concatenate([am, np.ones((b, gen_length), np.int32)], axis=1)
+  return given, fixed, am
+
+
+def generate(model: Any, prompt_ids: Any, attention_mask: Any = None, *,
+             sampler: str | None = None, seed: int = 0, **knobs: Any) -> Output:
+  """Continues each prompt row by the sampler's length knob (``gen_length``, ``max_new_tokens``)."""
+  name = sampler or default_sampler(model)
+  make = resolve(name)
+  full = check_knobs(name, make, knobs)
+  if make.length is None:
+    raise UserError(f"sampler {name!r} fills a template, not a prompt: use engine.sample")
+  gen = full[make.length]
+  if isinstance(gen, bool) or not isinstance(gen, (int, np.integer)) or gen < 1:
+    raise UserError(f"{make.length}={gen!r} must be an integer >= 1")
+  prompt = np.asarray(prompt_ids, np.int32)
+  if prompt.ndim == 1:
+    prompt = prompt[None]
+  if prompt.ndim != 2:
+    raise UserError(f"prompt_ids must be [batch, length], got shape {prompt.shape}")
+  given, fixed, am = prompt_template(prompt, attention_mask, int(gen), model.ids["mask"])
+  return sample(model, given, fixed, am, sampler=name, seed=seed, **knobs)

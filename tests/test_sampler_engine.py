@@ -1,0 +1,110 @@
+"""One sampling engine: registered factories with declared knobs, one loop, one entry point.
+
+A sampler from a test-local file (tests/plugins/greedy_schedule.py) runs through
+``model.generate`` and ``dlm sample`` by its ``module:function`` name.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dlm
+from dlm.errors import UserError
+from dlm.sample import engine
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PLUGINS = ROOT / "tests" / "plugins"
+LLADA = ROOT / "tests" / "fixtures" / "llada-tiny"
+PROMPT = np.array([[11, 12, 13, 14]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def model():
+  sys.path.insert(0, str(PLUGINS))
+  yield dlm.from_pretrained(LLADA)
+  sys.path.remove(str(PLUGINS))
+
+
+def test_every_builtin_declares_its_knobs():
+  for name in ("ancestral", "llada", "dream", "fast_dllm"):
+    make = engine.resolve(name)
+    assert make.knobs and all(isinstance(k, engine.Knob) and k.doc for k in make.knobs.values())
+    assert make.length is None or make.length in make.knobs
+  assert engine.resolve("fast_dllm").knobs["remasking"].default == "low_confidence"
+  assert engine.resolve("fast_dllm").knobs["temperature"].default == 0.0
+
+
+def test_a_sampler_from_a_test_local_file_runs_through_generate(model):
+  out = model.generate(PROMPT, sampler="greedy_schedule:make", steps=8, gen_length=8, t0=0.0,
+                       t1=0.0)
+  # at temperature 0 with one token per call it is LLaDA's low-confidence remasking
+  want = model.generate(PROMPT, sampler="llada", steps=8, gen_length=8, block_length=8,
+                        temperature=0.0, remasking="low_confidence")
+  np.testing.assert_array_equal(out.sequences, want.sequences)
+  np.testing.assert_array_equal(out.committed_at, want.committed_at)
+  assert out.nfe == want.nfe == 8
+  hot = model.generate(PROMPT, sampler="greedy_schedule:make", steps=4, gen_length=8, t0=5.0,
+                       seed=1)
+  assert hot.nfe == 4 and not np.any(hot.sequences == model.ids["mask"])
+  np.testing.assert_array_equal(hot.sequences[:, :4], PROMPT)
+  assert sorted(np.unique(hot.committed_at[0, 4:]).tolist()) == [0, 1, 2, 3]
+
+
+def test_model_default_sampler_is_its_family(model):
+  assert engine.default_sampler(model) == "llada"
+  a = model.generate(PROMPT, steps=4, gen_length=8)
+  b = model.generate(PROMPT, sampler="llada", steps=4, gen_length=8)
+  np.testing.assert_array_equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize("call,needle", [
+    (dict(sampler="magic"), "unknown sampler 'magic'"),
+    (dict(sampler="llada", steps=4, gen_length=8, alg="entropy"),
+     "sampler 'llada' takes no knob 'alg'; its knobs: steps=128, gen_length=128"),
+    (dict(sampler="fast_dllm", steps=4, gen_length=8, top_k=3), "takes no knob 'top_k'"),
+    (dict(sampler="os:getcwd"), "is not a dlm sampler factory"),
+    (dict(sampler="llada", steps=4, gen_length=0), "gen_length=0 must be an integer >= 1"),
+])
+def test_bad_sampler_input_is_one_line(model, call, needle):
+  with pytest.raises(UserError, match=needle) as e:
+    model.generate(PROMPT, **call)
+  assert "\n" not in str(e.value)
+
+
+def test_a_padded_batch_with_a_sampler_that_cannot_pad_is_one_line(model):
+  batch = np.array([[5, 6, 7], [251, 8, 9]])
+  mask = np.array([[1, 1, 1], [0, 1, 1]])
+  with pytest.raises(UserError, match="takes prompts of one length"):
+    model.generate(batch, mask, sampler="fast_dllm", steps=4, gen_length=4)
+
+
+def test_the_cli_runs_a_test_local_sampler_with_its_knobs(tmp_path):
+  """`dlm sample --sampler=module:function --knob=NAME=VALUE` on an HF folder, with a trajectory."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  folder = tmp_path / "llada"
+  import shutil
+  shutil.copytree(LLADA, folder)
+  tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.save(str(folder / "tokenizer.json"))
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(PLUGINS))
+  base = [sys.executable, "-m", "dlm.main", "sample", f"--hf={folder}", "--prompt=w11 w12 w13",
+          "--sampler=greedy_schedule:make"]
+  traj = tmp_path / "t.html"
+  r = subprocess.run(base + ["--steps=4", "--max_new_tokens=8", "--knob=t0=0.0", "--num_samples=2",
+                             f"--trajectory={traj}"], capture_output=True, text=True, env=env,
+                     cwd=ROOT, timeout=300)
+  assert r.returncode == 0, r.stderr
+  heads = [l for l in r.stdout.splitlines() if l.startswith("===== sample ")]
+  assert heads == [f"===== sample {i} (greedy_schedule:make, nfe 4, step 0) =====" for i in (0, 1)]
+  assert traj.read_text().count("<div><b>") == 4
+  for bad, needle in ((["--knob=t9=1"], "--knob='t9=1': sampler 'greedy_schedule:make' takes"),
+                      (["--top_k=3"], "--top_k is not a knob of sampler 'greedy_schedule:make'")):
+    r = subprocess.run(base + bad, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and needle in r.stderr.strip().splitlines()[-1], r.stderr
