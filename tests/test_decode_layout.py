@@ -37,8 +37,12 @@ def test_decode_layout_computes_the_same_network(kw, monkeypatch):
 
   def outputs(apply, params):  # every kind of pass, in one compiled program
     logits, cache = apply(params, x, t, return_kv=True)
-    return (logits, apply(params, x, t, attention_mask=am), cache.k, cache.v,
-            apply(params, x[:, 6:14], t, kv_cache=cache, cache_start=jnp.int32(6)))
+    out = (logits, apply(params, x, t, attention_mask=am), cache.k, cache.v,
+           apply(params, x[:, 6:14], t, kv_cache=cache, cache_start=jnp.int32(6)))
+    if cfg.pad_positions == "index":  # a padded window pass masks the cached pad keys
+      out += (apply(params, x[:, 6:14], t, kv_cache=cache, cache_start=jnp.int32(6),
+                    attention_mask=am),)
+    return out
 
   want = jax.jit(lambda p: outputs(apply, p))(params)
   # passes of <= FEW_ROWS rows (all of these) run their matmuls as (w @ x.T).T; 0: row-major

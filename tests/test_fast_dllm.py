@@ -6,7 +6,6 @@ import dataclasses
 import json
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,6 +54,11 @@ def test_window_pass_on_a_fresh_cache_equals_the_full_forward(model):
                                             24, cfg.hd)
   win = model.apply(model.params, x[:, 8:16], None, kv_cache=cache, cache_start=jnp.int32(8))
   np.testing.assert_allclose(win, full[:, 8:16], atol=1e-4, rtol=0)
+  am = jnp.asarray([[1] * 24, [0] * 5 + [1] * 19], jnp.int32)  # row 1 left-padded by 5
+  full, cache = model.apply(model.params, x, None, attention_mask=am, return_kv=True)
+  win = model.apply(model.params, x[:, 8:16], None, kv_cache=cache, cache_start=jnp.int32(8),
+                    attention_mask=am)
+  np.testing.assert_allclose(win, full[:, 8:16], atol=1e-4, rtol=0)
 
 
 def test_bad_knobs(model):
@@ -64,3 +68,26 @@ def test_bad_knobs(model):
   with pytest.raises(UserError, match=">= 2 steps per block"):
     model.generate(np.array([[5, 6]]), sampler="fast_dllm", steps=2, gen_length=4,
                    block_length=2, use_cache="dual")
+
+
+@pytest.mark.parametrize("use_cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_padded_batch_equals_one_prompt_at_a_time(model, use_cache, threshold):
+  a, b = [11, 12, 13, 14, 15, 16], [21, 22, 23]
+  pad = model.ids["pad"]
+  knobs = dict(sampler="fast_dllm", steps=8, gen_length=16, block_length=8, threshold=threshold,
+               use_cache=use_cache, temperature=0.0, remasking="low_confidence")
+  out = model.generate(np.array([a, [pad] * 3 + b]), np.array([[1] * 6, [0] * 3 + [1] * 3]),
+                       **knobs)
+  one_a = model.generate(np.array([a]), **knobs)
+  one_b = model.generate(np.array([b]), **knobs)
+  np.testing.assert_array_equal(out.sequences[0], one_a.sequences[0])
+  np.testing.assert_array_equal(out.sequences[1, 3:], one_b.sequences[0])
+  assert out.nfe >= max(one_a.nfe, one_b.nfe) if threshold else out.nfe == one_a.nfe
+
+
+def test_cached_passes_on_a_shifted_model_are_refused():
+  dream = dlm.from_pretrained(FIXTURE.parent / "dream-tiny")
+  with pytest.raises(UserError, match="needs a model with unshifted logits"):
+    dream.generate(np.array([[5, 6]]), sampler="fast_dllm", steps=4, gen_length=4,
+                   use_cache="dual", threshold=0.9)

@@ -81,7 +81,7 @@ def test_a_padded_batch_with_a_sampler_that_cannot_pad_is_one_line(model):
   batch = np.array([[5, 6, 7], [251, 8, 9]])
   mask = np.array([[1, 1, 1], [0, 1, 1]])
   with pytest.raises(UserError, match="takes prompts of one length"):
-    model.generate(batch, mask, sampler="fast_dllm", steps=4, gen_length=4)
+    model.generate(batch, mask, sampler="ancestral", steps=4, gen_length=4)
 
 
 def test_the_cli_runs_a_test_local_sampler_with_its_knobs(tmp_path):

@@ -93,18 +93,23 @@ def attend(q: Array, k: Array, v: Array, *, backend: str = "xla", kind: str = "b
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-def attend_cached(q: Array, k: Array, v: Array) -> Array:
+def attend_cached(q: Array, k: Array, v: Array, key_mask: Array | None = None) -> Array:
   """A KV-cached window pass: q [B, W, N, H] attends to every cached key, k, v [B, K, L, H]
   (heads-major, as cache.py holds them; K divides N) -> [B, W, N, H].
 
-  softmax(q k^T / sqrt(H)) v with no mask (cached passes are bidirectional, unpadded), in
-  float32; heads-major keys need no per-pass transpose (on XLA:CPU that halves its cost).
+  softmax(q k^T / sqrt(H) + mask) v (bidirectional; ``key_mask`` [B, L], 1 = real key, masks
+  left padding), in float32; heads-major keys need no per-pass transpose (on XLA:CPU that
+  halves its cost).
   """
   b, w, n, h = q.shape
   kv = k.shape[1]
   qh = q.reshape(b, w, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, W, H]
   logits = jnp.einsum("bkgwh,bklh->bkgwl", qh, k, preferred_element_type=jnp.float32)
-  p = jax.nn.softmax(logits * (1.0 / math.sqrt(h)), axis=-1).astype(v.dtype)
+  logits = logits * (1.0 / math.sqrt(h))
+  if key_mask is not None:  # a pad key gets float32 min, as the padded full pass gives it
+    logits = jnp.where(key_mask.astype(bool)[:, None, None, None, :], logits,
+                       jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgwl,bklh->bkgwh", p, v)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, w, n, h)
 

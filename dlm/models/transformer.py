@@ -168,14 +168,15 @@ class Transformer(nnx.Module):
     ``shift_logits`` that is the network's output i-1 (position 0 keeps its own),
     and ``raw_logits=True`` returns the unshifted output (what the public code returns).
     attention_mask (1 = real token) masks keys; left-padded rows get positions
-    per ``pad_positions``.  KV cache (see cache.py): ``return_kv=True`` also
+    per ``pad_positions``; with ``kv_cache`` it is the mask of all L cached keys.  KV cache (see cache.py): ``return_kv=True`` also
     returns this pass's KVCache; with ``kv_cache`` and ``cache_start``, x_t is
     the window of tokens at [cache_start, cache_start + W) of the cached sequence.
     """
     cfg = self.cfg
     chex.assert_rank(x_t, 2)
     b, l = x_t.shape
-    if positions is None and attention_mask is not None and cfg.pad_positions == "cumsum":
+    if (positions is None and attention_mask is not None and cfg.pad_positions == "cumsum"
+        and kv_cache is None):
       real = attention_mask.astype(jnp.int32)
       positions = jnp.where(real > 0, jnp.cumsum(real, axis=-1) - 1, 1)
     rotations = None
@@ -190,10 +191,11 @@ class Transformer(nnx.Module):
         rotations = tuple(tuple(jnp.broadcast_to(a, (b, *a.shape[1:])) for a in r)
                           for r in (q_rot, k_rot))
     mask = (segment_ids, attention_mask)
-    if kv_cache is not None and (segment_ids is not None or attention_mask is not None
-                                 or cfg.mask_kind != "bidirectional"):
-      raise ValueError("a KV-cached window pass takes no attention_mask or segment_ids, and"
-                       " needs model.mask_kind='bidirectional'")
+    if kv_cache is not None and (segment_ids is not None or cfg.mask_kind != "bidirectional"
+                                 or (attention_mask is not None and cfg.pad_positions != "index")):
+      raise ValueError("a KV-cached window pass takes no segment_ids, and needs"
+                       " model.mask_kind='bidirectional' and, with an attention_mask (all L"
+                       " cached keys'), pad_positions='index'")
     x = jnp.take(self.embed[...], x_t, axis=0).astype(cfg.compute_dtype)  # [B, L, D]
     x = constrain(x, ("batch", "length", "embed"))
     c = None

@@ -71,6 +71,7 @@ class Denoiser:
   uses_t: bool = False  # time-conditioned (needs t); False allows MDLM's denoiser cache
   eos_id: int | None = None
   eot_id: int | None = None
+  shifted: bool = False  # logits at i come from output i-1 (Dream): no KV-cached window passes
 
   def __call__(self, x_t: Array, t: Array | None = None, *, attention_mask: Array | None = None,
                cache: Any = None, cache_start: Array | None = None,
@@ -209,7 +210,7 @@ def _ids(model: Any) -> dict[str, Any]:
   ids = model.ids
   return dict(mask_id=ids["mask"], vocab_size=model.model_cfg.vocab_size,
               uses_t=bool(model.model_cfg.time_conditioning), eos_id=ids.get("eos"),
-              eot_id=ids.get("eot"))
+              eot_id=ids.get("eot"), shifted=bool(model.model_cfg.shift_logits))
 
 
 def default_sampler(model: Any) -> str:

@@ -71,7 +71,7 @@ def _commit(x: Array, logits: Array, start: Array, width: int, quota_k: Array,
           jax.lax.dynamic_update_slice_in_dim(committed_at, at, start, axis=1))
 
 
-@engine.register("fast_dllm", knobs=KNOBS, pads=False)
+@engine.register("fast_dllm", knobs=KNOBS)
 def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_length: int,
          block_length: int | None, temperature: float, remasking: str, threshold: float | None,
          use_cache: str) -> engine.Sampler:
@@ -85,16 +85,20 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_leng
   if threshold is None and use_cache != "none" and per_block < 2:
     raise UserError(f"fixed-quota decoding with use_cache={use_cache!r} needs >= 2 steps per"
                     f" block, got {per_block}; raise steps or set threshold")
+  if use_cache != "none" and denoiser.shifted:
+    raise UserError(f"use_cache={use_cache!r} needs a model with unshifted logits (LLaDA); this"
+                    " one predicts position i at output i-1 (Dream): use use_cache='none' or"
+                    " sampler='dream'")
   mask_id = denoiser.mask_id
 
   def init(rng: Array, given: Array, fixed: Array, am: Array | None) -> engine.State:
-    del am  # registered with pads=False
     b, length = given.shape
     x = jnp.where(fixed, given, mask_id)
     aux = dict(block=jnp.zeros((), jnp.int32), i=jnp.zeros((), jnp.int32),
-               n=jnp.zeros((b,), jnp.int32))
+               n=jnp.zeros((b,), jnp.int32), am=am)
     if use_cache != "none":  # a cache of the right shape, filled by each block's first pass
-      _, cache = jax.eval_shape(lambda x: denoiser(x, None, fill_cache=True), x)
+      _, cache = jax.eval_shape(lambda x: denoiser(x, None, attention_mask=am, fill_cache=True),
+                                x)
       aux["cache"] = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), cache)
     return engine.initial_state(rng, given, fixed, x, **aux)
 
@@ -115,10 +119,11 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_leng
 
   def full_pass(state: engine.State, rng: Array) -> engine.State:
     start = block_start(state)
+    am = state.aux["am"]
     if use_cache == "none":
-      logits, _ = denoiser(state.x, None)
+      logits, _ = denoiser(state.x, None, attention_mask=am)
     else:
-      logits, cache = denoiser(state.x, None, fill_cache=True)
+      logits, cache = denoiser(state.x, None, attention_mask=am, fill_cache=True)
       state = state.replace(aux=dict(state.aux, cache=cache))
     logits = jax.lax.dynamic_slice_in_dim(logits, start, block_length, axis=1)
     return pass_on(state, logits, start, rng)
@@ -127,15 +132,16 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_leng
     start = block_start(state)
     if use_cache == "dual":  # the block alone, attending to the cached prefix and suffix
       window = jax.lax.dynamic_slice_in_dim(state.x, start, block_length, axis=1)
-      logits, _ = denoiser(window, None, cache=state.aux["cache"], cache_start=start)
+      logits, _ = denoiser(window, None, attention_mask=state.aux["am"],
+                           cache=state.aux["cache"], cache_start=start)
       return pass_on(state, logits, start, rng)
     p = state.x.shape[1] - gen_length
 
     def at_block(blk: int):  # prefix: x[start:] has a static width per block
       def go(state: engine.State) -> engine.State:
         w0 = p + blk * block_length
-        logits, _ = denoiser(state.x[:, w0:], None, cache=state.aux["cache"],
-                             cache_start=jnp.int32(w0))
+        logits, _ = denoiser(state.x[:, w0:], None, attention_mask=state.aux["am"],
+                             cache=state.aux["cache"], cache_start=jnp.int32(w0))
         return pass_on(state, logits[:, :block_length], jnp.int32(w0), rng)
       return go
 
