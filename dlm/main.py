@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import sys
+import time
 from typing import Callable
 
 from absl import flags
@@ -61,6 +62,10 @@ def _define_sample_flags() -> None:
   flags.DEFINE_string("trajectory", None, "Write the denoising of sample 0 to FILE.html or .png.")
   flags.DEFINE_string("prompt", None, "Fixed prefix; the rest of the row is generated.")
   flags.DEFINE_string("infill", None, "Template with <gap> or <gap:N> markers to fill.")
+  flags.DEFINE_string("prompts", None, "A file of prompts: one per line, or JSON Lines with"
+                      " \"prompt\" or chat \"messages\"; --num_samples each.")
+  flags.DEFINE_string("output", None, "Write the samples to this new FILE.jsonl (text, token"
+                      " ids, nfe, seconds).")
   flags.DEFINE_integer("num_samples", None, "Number of samples (default: config.sample).")
   flags.DEFINE_integer("batch_size", None, "Samples generated at once; a progress bar counts the"
                        " batches (default: config.sample.batch_size, else 16).")
@@ -169,6 +174,7 @@ def cmd_sample() -> None:
   from dlm import api
   from dlm.errors import UserError
   from dlm.sample import engine, generate, trajectory
+  from dlm.sample import prompts as prompts_lib
   from dlm.workdir import is_imported, load_imported, load_run
   f = flags.FLAGS
   # every value given on the command line, checked before anything loads
@@ -199,11 +205,9 @@ def cmd_sample() -> None:
   if tok is None:
     raise UserError(f"{f.hf or f.workdir} has no tokenizer.json; dlm sample needs it to read"
                     " --prompt: copy the model's tokenizer files there")
-  if f.chat:
-    if not callable(getattr(tok, "apply_chat_template", None)):
-      raise UserError(f"{f.hf or f.workdir} has no chat template (its tokenizer is dlm's"
-                      " sentencepiece model): drop --chat")
-    prompt = tok.apply_chat_template([{"role": "user", "content": prompt or ""}])
+  if f.chat and not callable(getattr(tok, "apply_chat_template", None)):
+    raise UserError(f"{f.hf or f.workdir} has no chat template (its tokenizer is dlm's"
+                    " sentencepiece model): drop --chat")
   sc = run.config.sample
   name = f.sampler or sc.sampler
   if f.sampler is None:
@@ -219,40 +223,88 @@ def cmd_sample() -> None:
   ids_map = {"mask": tok.mask_id, "eos": tok.eos_id, "pad": tok.pad_id, "bos": tok.bos_id}
   model = api.DiffusionLM(config=run.config, model_cfg=run.model_cfg, params=run.params,
                           ids=ids_map, tokenizer=tok, apply=run.apply)
+  items: list = [prompt]
+  if f.prompts:
+    if f.prompt is not None or f.infill:
+      raise _usage("--prompts gives the prompts: drop --prompt and --infill")
+    items = prompts_lib.read_prompts(f.prompts)
+  texts = []
+  for item in items:
+    if isinstance(item, list) or f.chat:
+      if not callable(getattr(tok, "apply_chat_template", None)):
+        raise UserError(f"{f.hf or f.workdir} has no chat template (its tokenizer is dlm's"
+                        " sentencepiece model): give plain prompts, without --chat")
+      item = tok.apply_chat_template(item if isinstance(item, list)
+                                     else [{"role": "user", "content": item or ""}])
+    texts.append(item)
   if make.infill:  # a template: the prompt, or --infill's gaps, within --length
     if f.max_new_tokens is not None:
       raise _usage(f"--max_new_tokens is for prompt samplers; sampler {name!r} fills --length")
-    given, fixed = generate.build_template(tok, length=length, prompt=prompt, infill=f.infill,
-                                           gap_length=f.gap_length)
+    templates = [generate.build_template(tok, length=length, prompt=t, infill=f.infill,
+                                         gap_length=f.gap_length) + (None, 0) for t in texts]
   else:
     if f.infill:
       raise _usage(f"--infill needs a template sampler: pass --sampler=ancestral ({name!r}"
                    " continues a --prompt)")
-    ids = tok.encode(prompt or "")
-    if not ids:
-      ids = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
-    new = f.max_new_tokens if f.max_new_tokens is not None else length - len(ids)
+    ids = [tok.encode(t or "") or [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+           for t in texts]
+    width = max(map(len, ids))  # prompts left-padded to the longest: one compiled program
+    new = f.max_new_tokens if f.max_new_tokens is not None else length - width
     if new < 1:
-      raise _usage(f"--prompt is {len(ids)} tokens, no room in --length={length}; raise --length")
+      raise _usage(f"--prompt is {width} tokens, no room in --length={length}; raise --length")
     if make.length is not None:
       knobs[make.length] = new
-    given, fixed, _ = engine.prompt_template(np.array([ids], np.int32), None, new,
-                                             model.ids["mask"])
-    given, fixed = given[0], fixed[0]
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    templates = []
+    for row in ids:
+      k = width - len(row)
+      given, fixed, am = engine.prompt_template(
+          np.array([[pad] * k + row], np.int32), np.array([[0] * k + [1] * len(row)]), new,
+          model.ids["mask"])
+      templates.append((given[0], fixed[0], am[0], k))
   num = generate.pick_count("num_samples", f.num_samples, sc.num_samples)
-  size = min(generate.pick_count("batch_size", f.batch_size, sc.get("batch_size", 16)), num)
+  plan = list(prompts_lib.rows(len(texts), num))
+  size = min(generate.pick_count("batch_size", f.batch_size, sc.get("batch_size", 16)), len(plan))
   seed = sc.seed if f.seed is None else f.seed
-  g, fx = np.broadcast_to(given, (size, len(given))), np.broadcast_to(fixed, (size, len(fixed)))
+  output = prompts_lib.Output(f.output) if f.output else None
   first = None  # (tokens, committed_at, nfe) of sample 0, for --trajectory
-  for b, start, rows in generate.progress_batches(num, size):
-    out = engine.sample(model, g, fx, sampler=name, seed=generate.batch_seed(seed, b), **knobs)
-    tokens = out.sequences[:rows]
-    for i, text in enumerate(generate.decode_samples(tok, tokens), start):
-      generate.emit(f"===== sample {i} ({name}, nfe {out.nfe}, step {run.step}) =====\n{text}")
-    if first is None and f.trajectory:
-      first = (tokens[0], out.committed_at[0], out.nfe)
+  try:
+    for b, start, n in generate.progress_batches(len(plan), size):
+      chunk = plan[start:start + n]
+      full = chunk + chunk[-1:] * (size - n)  # the last batch is run full (one program) and cut
+      g = np.stack([templates[p][0] for p, _ in full])
+      fx = np.stack([templates[p][1] for p, _ in full])
+      am = None if make.infill else np.stack([templates[p][2] for p, _ in full])
+      t0 = time.perf_counter()
+      out = engine.sample(model, g, fx, am, sampler=name, seed=generate.batch_seed(seed, b),
+                          **knobs)
+      secs = time.perf_counter() - t0
+      for j, (p, s_i) in enumerate(chunk):
+        cut = templates[p][3]  # left padding
+        text = generate.decode_samples(tok, out.sequences[j:j + 1, cut:])[0]
+        generate.emit(f"===== sample {start + j} ({name}, nfe {out.nfe}, step {run.step})"
+                      f" =====\n{text}")
+        if output is not None:
+          g0 = 0 if make.infill else int(np.argmin(templates[p][1]))  # after the prompt
+          gen = out.sequences[j, g0:].tolist()
+          if tok.eos_id in gen:
+            gen = gen[:gen.index(tok.eos_id)]
+          output.write({"prompt_index": p, "sample": s_i, "prompt": items[p],
+                        "text": out.texts[j] if out.texts else tok.decode(gen),
+                        "token_ids": gen, "nfe": out.nfe, "seconds": round(secs, 4),
+                        "sampler": name, "step": run.step})
+      if output is not None:
+        output.flush()
+      if first is None and f.trajectory:
+        first = (out.sequences[0, templates[0][3]:], out.committed_at[0, templates[0][3]:],
+                 out.nfe)
+  finally:
+    if output is not None:
+      output.close()
   if first is not None:
     print(trajectory.write(f.trajectory, tok, *first))
+  if output is not None:
+    print(f"wrote {len(plan)} samples to {f.output}", file=sys.stderr)
 
 
 def cmd_eval() -> None:

@@ -6,6 +6,7 @@ A sampler from a test-local file (tests/plugins/greedy_schedule.py) runs through
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -84,15 +85,52 @@ def test_a_padded_batch_with_a_sampler_that_cannot_pad_is_one_line(model):
     model.generate(batch, mask, sampler="ancestral", steps=4, gen_length=4)
 
 
-def test_the_cli_runs_a_test_local_sampler_with_its_knobs(tmp_path):
-  """`dlm sample --sampler=module:function --knob=NAME=VALUE` on an HF folder, with a trajectory."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  folder = tmp_path / "llada"
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> pathlib.Path:
+  """llada-tiny with a word-level tokenizer.json (w0..w255)."""
   import shutil
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  folder = tmp_path_factory.mktemp("engine") / "llada"
   shutil.copytree(LLADA, folder)
   tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.decoder = decoders.WordPiece()
   tok.save(str(folder / "tokenizer.json"))
+  return folder
+
+
+def _dlm(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(PLUGINS))
+  return subprocess.run([sys.executable, "-m", "dlm.main", *args], capture_output=True,
+                        text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_prompts_file_in_padded_batches_to_a_jsonl_output(folder, tmp_path):
+  """`--prompts` of mixed lengths share left-padded batches; each row is the prompt run alone."""
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "w11 w12 w13 w14"}\n{"prompt": "w21"}\n\n{"prompt": "w31 w32"}\n')
+  out = tmp_path / "out.jsonl"
+  knobs = ["--sampler=llada", "--steps=4", "--max_new_tokens=8", "--block_length=4"]
+  r = _dlm("sample", f"--hf={folder}", f"--prompts={prompts}", "--num_samples=1",
+           "--batch_size=3", f"--output={out}", *knobs)
+  assert r.returncode == 0, r.stderr
+  records = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [(x["prompt_index"], x["prompt"]) for x in records] == [
+      (0, "w11 w12 w13 w14"), (1, "w21"), (2, "w31 w32")]
+  assert all(x["nfe"] == 4 and len(x["token_ids"]) <= 8 and x["seconds"] > 0 for x in records)
+  alone = _dlm("sample", f"--hf={folder}", "--prompt=w21", "--num_samples=1", *knobs)
+  assert alone.stdout.split("=====\n", 1)[1].strip() == ("w21 " + records[1]["text"]).strip()
+  before = out.read_bytes()
+  again = _dlm("sample", f"--hf={folder}", f"--prompts={prompts}", f"--output={out}", *knobs)
+  assert again.returncode == 1 and "exists; samples are never written over" in again.stderr
+  assert out.read_bytes() == before
+  prompts.write_text('{"prompt": "w1"}\n{"text": 3}\n')
+  bad = _dlm("sample", f"--hf={folder}", f"--prompts={prompts}", *knobs)
+  assert bad.returncode == 1 and f"{prompts}:2 has neither" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_the_cli_runs_a_test_local_sampler_with_its_knobs(folder, tmp_path):
+  """`dlm sample --sampler=module:function --knob=NAME=VALUE` on an HF folder, with a trajectory."""
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(PLUGINS))
   base = [sys.executable, "-m", "dlm.main", "sample", f"--hf={folder}", "--prompt=w11 w12 w13",
           "--sampler=greedy_schedule:make"]
