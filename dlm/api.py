@@ -116,14 +116,19 @@ def _is_hf_folder(path: pathlib.Path) -> bool:
 
 
 def from_pretrained(path: str | pathlib.Path, *, dtype: str | None = "float32",
-                    trust_config_code: bool = False) -> DiffusionLM:
+                    trust_config_code: bool = False,
+                    compile_cache: str | bool | None = None) -> DiffusionLM:
   """An HF folder (LLaDA / Dream: config.json + safetensors) or a dlm workdir -> ``DiffusionLM``.
 
   ``dtype``: the parameters' dtype in memory (None keeps the checkpoint's, e.g.
   bfloat16 for the released 8B models); compute runs in ``model.dtype``.
   ``trust_config_code``: a workdir's ``config.json`` may name ``module:attr`` imports
   (refused otherwise: a downloaded folder is data, never a program).
+  ``compile_cache``: JAX's persistent compilation cache (``dlm/compile_cache.py``): None
+  = the default directory, a path, or False / "off".
   """
+  from dlm import compile_cache as compile_cache_lib
+  compile_cache_lib.enable(compile_cache)
   from dlm.convert import hf, workdir as convert_workdir
   from dlm.data import hf_tokenizer
   path = pathlib.Path(path)

@@ -453,6 +453,8 @@ def run(argv: list[str] | None = None) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   define, body = _COMMANDS[cmd]
   define()
+  flags.DEFINE_string("compile_cache", None, "Persistent compilation cache: a directory, or"
+                      " 'off' (default: $DLM_COMPILE_CACHE, else ~/.cache/dlm/jax).")
   for arg in argv[2:]:
     if arg.startswith("--config="):
       path = arg.split("=", 1)[1].split(":", 1)[0]
@@ -474,6 +476,9 @@ def run(argv: list[str] | None = None) -> None:
   except (KeyError, AttributeError) as e:  # ml_collections: an override names no field
     print(f"dlm {cmd}: error: {_no_field(e, argv[2:])}", file=sys.stderr)
     sys.exit(2)
+  if cmd != "compile":  # compile lowers for TPUs it does not run on: nothing to keep
+    from dlm import compile_cache
+    compile_cache.enable(flags.FLAGS.compile_cache)
   if positional and cmd != "tokenizer":
     print(f"dlm {cmd}: error: unexpected arguments {positional}; flags are --name=value",
           file=sys.stderr)

@@ -146,3 +146,20 @@ def test_the_cli_runs_a_test_local_sampler_with_its_knobs(folder, tmp_path):
                       (["--top_k=3"], "--top_k is not a knob of sampler 'greedy_schedule:make'")):
     r = subprocess.run(base + bad, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and needle in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_the_persistent_compile_cache_is_on_by_default_and_off_by_flag(folder, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(tmp_path / "xdg"))
+  base = [sys.executable, "-m", "dlm.main", "sample", f"--hf={folder}", "--prompt=w11 w12",
+          "--sampler=llada", "--steps=2", "--max_new_tokens=4", "--num_samples=1"]
+  r = subprocess.run(base, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert list((tmp_path / "xdg" / "dlm" / "jax").iterdir())  # the default: ~/.cache/dlm/jax
+  r = subprocess.run(base + [f"--compile_cache={tmp_path / 'mine'}"], capture_output=True,
+                     text=True, env=env, cwd=ROOT, timeout=300)
+  assert r.returncode == 0 and list((tmp_path / "mine").iterdir()), r.stderr
+  env["XDG_CACHE_HOME"] = str(tmp_path / "other")
+  r = subprocess.run(base + ["--compile_cache=off"], capture_output=True, text=True, env=env,
+                     cwd=ROOT, timeout=300)
+  assert r.returncode == 0 and not (tmp_path / "other").exists(), r.stderr
