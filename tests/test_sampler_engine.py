@@ -163,3 +163,15 @@ def test_the_persistent_compile_cache_is_on_by_default_and_off_by_flag(folder, t
   r = subprocess.run(base + ["--compile_cache=off"], capture_output=True, text=True, env=env,
                      cwd=ROOT, timeout=300)
   assert r.returncode == 0 and not (tmp_path / "other").exists(), r.stderr
+
+
+def test_a_change_of_the_model_ids_compiles_a_new_program(model):
+  kw = dict(sampler="llada", steps=2, gen_length=4, confidence_eos_eot_inf=True)
+  model.generate(PROMPT, **kw)
+  before = len(model.__dict__["_jitted"])
+  model.ids["eot"] = 252  # LLaDA's EoT in the fixtures: now part of the EOS/EoT flag
+  try:
+    model.generate(PROMPT, **kw)
+    assert len(model.__dict__["_jitted"]) == before + 1
+  finally:
+    del model.ids["eot"]

@@ -254,7 +254,8 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
     return fn
 
   # params are an argument, not a closure: no weight constants baked into the program
-  fn = model.jitted(name, full, build)
+  # the ids are part of the program (mask id, EOS flags): a change to model.ids recompiles
+  fn = model.jitted(name, dict(full, _ids=tuple(sorted(ids.items()))), build)
   key = jax.random.key(seed) if rng is None else rng
   final = fn(model.sampling_params(), key, jnp.asarray(given), jnp.asarray(fixed),
              None if am is None else jnp.asarray(am))
