@@ -285,13 +285,9 @@ def cmd_sample() -> None:
         generate.emit(f"===== sample {start + j} ({name}, nfe {out.nfe}, step {run.step})"
                       f" =====\n{text}")
         if output is not None:
-          g0 = 0 if make.infill else int(np.argmin(templates[p][1]))  # after the prompt
-          gen = out.sequences[j, g0:].tolist()
-          if tok.eos_id in gen:
-            gen = gen[:gen.index(tok.eos_id)]
           output.write({"prompt_index": p, "sample": s_i, "prompt": items[p],
-                        "text": out.texts[j] if out.texts else tok.decode(gen),
-                        "token_ids": gen, "nfe": out.nfe, "seconds": round(secs, 4),
+                        "text": out.texts[j], "token_ids": out.token_ids[j], "nfe": out.nfe,
+                        "seconds": round(secs, 4),
                         "sampler": name, "step": run.step})
       if output is not None:
         output.flush()

@@ -193,7 +193,8 @@ class Output:
   sequences: np.ndarray  # int32 [B, L]: prompt (or template) and what was generated
   nfe: int  # denoiser calls
   committed_at: np.ndarray  # int32 [B, L]: the call that committed each position (-1 given)
-  texts: list[str] | None = None  # decoded generations, cut at the first EOS (with a tokenizer)
+  token_ids: list[list[int]] | None = None  # each row's generated ids, cut at the first EOS
+  texts: list[str] | None = None  # those ids decoded (with a tokenizer)
 
 
 def _process(model: Any) -> Any:
@@ -260,22 +261,21 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
   final = fn(model.sampling_params(), key, jnp.asarray(given), jnp.asarray(fixed),
              None if am is None else jnp.asarray(am))
   seqs = np.asarray(final.x)
-  return Output(sequences=seqs, nfe=int(final.nfe), committed_at=np.asarray(final.committed_at),
-                texts=_texts(model, seqs, fixed))
-
-
-def _texts(model: Any, seqs: np.ndarray, fixed: np.ndarray) -> list[str] | None:
-  """Each row's generation (after the prompt; the whole row for infill templates), cut at EOS."""
   tok = getattr(model, "tokenizer", None)
-  if tok is None:
-    return None
+  gen = _generated(seqs, fixed, model.ids.get("eos") if tok is None else tok.eos_id)
+  return Output(sequences=seqs, nfe=int(final.nfe), committed_at=np.asarray(final.committed_at),
+                token_ids=gen, texts=None if tok is None else [tok.decode(g) for g in gen])
+
+
+def _generated(seqs: np.ndarray, fixed: np.ndarray, eos_id: int | None) -> list[list[int]]:
+  """Each row's generated ids (after the prompt; the whole row for infill templates), cut at EOS."""
   out = []
   for row, fix in zip(seqs.tolist(), fixed.tolist()):
     p = fix.index(False) if False in fix else len(fix)
     gen = row[p:] if not any(fix[p:]) else row  # a prompt then masks, else an infill template
-    if tok.eos_id is not None and tok.eos_id in gen:
-      gen = gen[:gen.index(tok.eos_id)]
-    out.append(tok.decode(gen))
+    if eos_id is not None and eos_id in gen:
+      gen = gen[:gen.index(eos_id)]
+    out.append(gen)
   return out
 
 

@@ -174,10 +174,8 @@ def sample_tokens(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], proces
   from dlm.sample import engine
   make = engine.resolve(sampler)
   full = engine.check_knobs(sampler, make, knobs)
-  vocab = int(jax.eval_shape(logits_fn, jnp.zeros((1, given.shape[-1]), jnp.int32),
-                             jnp.ones((1,), jnp.float32)).shape[-1])
   den = engine.denoiser_of_logits(logits_fn, mask_id=int(getattr(process, "mask_id", -1)),
-                                  vocab_size=vocab, uses_t=uses_t)
+                                  vocab_size=int(process.vocab_size), uses_t=uses_t)
   size = min(batch_size or num_samples, num_samples)
   g = jnp.broadcast_to(jnp.asarray(given, jnp.int32), (size, given.shape[-1]))
   f = jnp.broadcast_to(jnp.asarray(fixed, bool), (size, fixed.shape[-1]))
