@@ -99,7 +99,13 @@ def _define_trust_flag() -> None:
 
 
 def _define_eval_flags() -> None:
-  flags.DEFINE_string("workdir", None, "A trained run's directory.")
+  flags.DEFINE_string("workdir", None, "A trained or converted workdir (or a Hugging Face"
+                      " LLaDA/Dream folder).")
+  flags.DEFINE_string("hf", None, "Evaluate a Hugging Face LLaDA/Dream folder directly.")
+  flags.DEFINE_string("text", None, "Score this UTF-8 text file (default: a dlm run's own"
+                      " validation split; the stdlib corpus for imported models).")
+  flags.DEFINE_integer("seq_len", None, "Row length for --text and imported models (default:"
+                       " config.eval.seq_len, else 512 for imported models).")
   flags.DEFINE_integer("max_rows", None, "Evaluate at most this many validation rows (0 = all).")
   flags.DEFINE_integer("num_passes", None, "Stratified time passes over the rows.")
 
@@ -171,11 +177,10 @@ def _sample_knobs(make, name: str, run, temperature: float, top_p: float) -> dic
 
 def cmd_sample() -> None:
   import numpy as np
-  from dlm import api
   from dlm.errors import UserError
+  from dlm.models import loader
   from dlm.sample import engine, generate, trajectory
   from dlm.sample import prompts as prompts_lib
-  from dlm.workdir import is_imported, load_imported, load_run
   f = flags.FLAGS
   # every value given on the command line, checked before anything loads
   for name in ("steps", "num_samples", "batch_size", "length", "block_length", "max_new_tokens",
@@ -194,13 +199,7 @@ def cmd_sample() -> None:
     generate.parse_template(f.infill, gap_length=f.gap_length)  # strict markers, before loading
   if f.sampler is not None:
     make = engine.resolve(f.sampler)  # the user's own name: module:function allowed
-  trust = f.trust_config_code
-  if f.hf:
-    run = load_imported(f.hf, trust_config_code=trust)
-  elif is_imported(_workdir(), trust_config_code=trust):
-    run = load_imported(_workdir(), trust_config_code=trust)
-  else:
-    run = load_run(_workdir(), trust_config_code=trust)
+  run = loader.load(f.hf or _workdir(), trust_config_code=f.trust_config_code)
   tok = run.tokenizer
   if tok is None:
     raise UserError(f"{f.hf or f.workdir} has no tokenizer.json; dlm sample needs it to read"
@@ -220,9 +219,7 @@ def cmd_sample() -> None:
   top_p = generate.check_real("--top_p" if f.top_p is not None else "config.sample.top_p",
                               sc.top_p if f.top_p is None else f.top_p, high=1.0, low_open=True)
   knobs = _sample_knobs(make, name, run, temperature, top_p)
-  ids_map = {"mask": tok.mask_id, "eos": tok.eos_id, "pad": tok.pad_id, "bos": tok.bos_id}
-  model = api.DiffusionLM(config=run.config, model_cfg=run.model_cfg, params=run.params,
-                          ids=ids_map, tokenizer=tok, apply=run.apply)
+  model = run
   items: list = [prompt]
   if f.prompts:
     if f.prompt is not None or f.infill:
@@ -306,7 +303,12 @@ def cmd_sample() -> None:
 def cmd_eval() -> None:
   from dlm.eval import run_eval
   f = flags.FLAGS
-  result = run_eval.evaluate_workdir(_workdir(), max_rows=f.max_rows, num_passes=f.num_passes,
+  for name in ("max_rows", "num_passes", "seq_len"):
+    low = 0 if name == "max_rows" else 1
+    if f[name].value is not None and f[name].value < low:
+      raise _usage(f"--{name}={f[name].value} must be >= {low}")
+  result = run_eval.evaluate_workdir(f.hf or _workdir(), max_rows=f.max_rows,
+                                     num_passes=f.num_passes, text=f.text, seq_len=f.seq_len,
                                      trust_config_code=f.trust_config_code)
   print(json.dumps(result))
 

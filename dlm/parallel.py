@@ -9,9 +9,10 @@ maps logical names onto mesh axes.  Changing parallelism is a config change.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -147,3 +148,14 @@ def bytes_per_device(abstract: Any) -> int:
   """Bytes one device holds for a pytree of sharded arrays or ShapeDtypeStructs."""
   return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                  for x in jax.tree.leaves(abstract)))
+
+
+def traced_in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: Rules) -> Callable[..., Any]:
+  """Activations' logical constraints resolve against this mesh when ``fn`` is traced."""
+
+  @functools.wraps(fn)
+  def wrapped(*args: Any) -> Any:
+    with use_mesh(mesh, rules):
+      return fn(*args)
+
+  return wrapped

@@ -110,6 +110,11 @@ def test_from_pretrained_and_export_of_a_trained_run(trained, tmp_path):
   ids = np.array([[5, 6, 7, 8, m.ids["mask"], 9]], np.int32)
   logits = m.logits(ids)
   assert logits.shape == (1, 6, m.model_cfg.vocab_size) and np.isfinite(logits).all()
+  # one loader: a step folder of the workdir loads that step, with the run's process
+  steps = sorted(int(p.name) for p in (trained / "checkpoints").iterdir() if p.name.isdigit())
+  first = dlm.from_pretrained(trained / "checkpoints" / str(steps[0]))
+  assert first.step == steps[0] and m.step == steps[-1] and first.process is not None
+  assert first.process.mask_id == m.ids["mask"] == m.tokenizer.mask_id
   out = convert_workdir.export(trained, tmp_path / "hf")  # a LLaDA-format folder
   again = dlm.from_pretrained(out)
   np.testing.assert_array_equal(again.logits(ids), logits)

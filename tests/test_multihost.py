@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from dlm.workdir import load_run
+from dlm.models.loader import load as load_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "-m", "dlm.main", "train", f"--config={ROOT}/configs/quickstart.py:smoke",

@@ -57,7 +57,7 @@ def _run_steps(mesh_sizes: dict[str, int], devices, batches, steps: int = 3):
   step = step_lib.jit_train_step(mesh, rules, shardings, loss_fn=loss_fn, tx=tx,
                                  lr_fn=optim.learning_rate(cfg.optim, 10))
   batch0 = parallel.global_batch({"tokens": batches[0]}, mesh, rules)
-  grad_fn = jax.jit(step_lib.traced_in_mesh(
+  grad_fn = jax.jit(parallel.traced_in_mesh(
       lambda p, b: jax.grad(lambda q: loss_fn(q, b, jax.random.key(7))[0])(p), mesh, rules))
   grads = jax.device_get(grad_fn(state.params, batch0))
   out = []
@@ -94,7 +94,7 @@ def test_sharded_training_matches_one_device(sizes, batches, single_device):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # each parameter is laid out as the rules say
   mesh = state.params["head"].sharding.mesh
-  _, _, specs = state_lib.param_logical_specs(MODEL)
+  _, _, specs = transformer.param_logical_specs(MODEL)
   for (path, p), (_, names) in zip(jax.tree_util.tree_leaves_with_path(state.params),
                                    jax.tree_util.tree_leaves_with_path(
                                        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dlm.errors import UserError
-from dlm.train import checkpoint
+from dlm import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = f"{ROOT}/configs/quickstart.py:smoke"

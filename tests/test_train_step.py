@@ -13,7 +13,8 @@ import pytest
 
 from dlm import losses, parallel, processes
 from dlm.models import transformer
-from dlm.train import checkpoint, optim, state as state_lib, step as step_lib
+from dlm import checkpoint
+from dlm.train import optim, state as state_lib, step as step_lib
 
 MODEL = transformer.ModelConfig(vocab_size=40, d_model=32, num_layers=2, num_heads=2, mlp_dim=64)
 # Adam's eps well above float rounding of near-zero gradient entries: g / (|g| + eps) would

@@ -12,7 +12,7 @@ import pytest
 
 from dlm import lock, registry
 from dlm.errors import UserError
-from dlm.train import checkpoint
+from dlm import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = f"{ROOT}/configs/quickstart.py:smoke"
@@ -116,9 +116,9 @@ def test_concurrent_trainers_second_refuses(trained, tmp_path):
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
   assert steps == [5, 10, 20, 30, 40, 50, 60], steps
   assert all(checkpoint.verify(workdir / "checkpoints" / str(s)) for s in steps)
-  from dlm import workdir as workdir_lib
+  from dlm.models import loader
   for s in steps:
-    assert workdir_lib.load_run(workdir, step=s).step == s
+    assert loader.load(workdir, step=s).step == s
   assert not list(workdir.glob("checkpoints/*.orbax-checkpoint-tmp*"))
 
 

@@ -31,7 +31,6 @@ from dlm.compile import topology
 from dlm.data import inputs, tokenizer as tokenizer_lib
 from dlm.errors import UserError
 from dlm.models import transformer
-from dlm.train import state as state_lib, step as step_lib
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
@@ -99,7 +98,7 @@ def lower_sample(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
   steps = int(sc.steps)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   b = math.ceil(int(sc.num_samples) / shards) * shards  # rows split over the data axes
-  graphdef, abstract_params, specs = state_lib.param_logical_specs(model_cfg)
+  graphdef, abstract_params, specs = transformer.param_logical_specs(model_cfg)
   param_sh = parallel.tree_shardings(specs, mesh, rules)
   params = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), abstract_params, param_sh)
   apply = transformer.apply_fn(graphdef)
@@ -117,7 +116,7 @@ def lower_sample(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
     return engine.run(make(denoiser, None, **knobs), rng, given, fixed).x
 
   row = parallel.batch_sharding(mesh, rules)
-  jitted = jax.jit(step_lib.traced_in_mesh(fn, mesh, rules),
+  jitted = jax.jit(parallel.traced_in_mesh(fn, mesh, rules),
                    in_shardings=(param_sh, row, NamedSharding(mesh, P())), out_shardings=row)
   prompt = _abstract((b, prompt_len), jnp.int32, row)
   rng = jax.eval_shape(lambda: jax.random.key(0))

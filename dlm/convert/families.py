@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dlm.errors import UserError
+from dlm.models import transformer
 
 Array = np.ndarray
 MAX_SIZE = 2**31 - 1  # the largest size or id a config.json may give (int32 indices)
@@ -268,3 +269,22 @@ def with_embedding_size(hf: dict[str, Any]) -> dict[str, Any]:
 def sizes(model: dict[str, Any]) -> dict[str, int]:
   return {"d": model["d_model"], "nh": model["num_heads"], "nkv": model["num_kv_heads"],
           "hd": model["head_dim"]}
+
+
+def dlm_config(family: str, model: dict[str, Any], hf_cfg: dict[str, Any],
+               ids: dict[str, Any], src: str, param_dtype: str) -> dict[str, Any]:
+  """The workdir config.json of an imported model: our model fields, a masked process, ids."""
+  fields = {f.name: f.default for f in dataclasses.fields(transformer.ModelConfig)
+            if f.default is not dataclasses.MISSING}
+  fields.update({k: v for k, v in model.items() if k in fields or k == "vocab_size"})
+  seq_len = int(hf_cfg.get("max_sequence_length") or hf_cfg.get("max_position_embeddings") or 4096)
+  return {
+      "seed": 0,
+      "model": fields,
+      "process": {"name": "masked", "schedule": {"name": "linear", "eps": 1e-4}},
+      "data": {"source": "hf", "vocab_size": int(model["vocab_size"]), "seq_len": seq_len},
+      "sample": {"sampler": family, "steps": 128, "num_samples": 1, "length": 128,
+                 "temperature": 1.0, "top_p": 1.0, "seed": 0},
+      "eval": {"batch_size": 8, "num_passes": 1, "max_rows": 0, "seed": 1234},
+      "hf": {"family": family, "ids": ids, "source": src, "param_dtype": param_dtype},
+  }

@@ -12,34 +12,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from dlm.convert import hf, safetensors_io, staging
+from dlm.convert import families, hf, safetensors_io, staging
 from dlm import jsonfile
 from dlm.errors import UserError
-from dlm.models import transformer
-from dlm.train import checkpoint
+from dlm import checkpoint
 
 HF_CONFIG = "hf_config.json"  # the imported config.json, kept for export
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
-
-
-def dlm_config(family: str, model: dict[str, Any], hf_cfg: dict[str, Any],
-               ids: dict[str, Any], src: str, param_dtype: str) -> dict[str, Any]:
-  """The workdir config.json of an imported model: our model fields, a masked process, ids."""
-  fields = {f.name: f.default for f in dataclasses.fields(transformer.ModelConfig)
-            if f.default is not dataclasses.MISSING}
-  fields.update({k: v for k, v in model.items() if k in fields or k == "vocab_size"})
-  seq_len = int(hf_cfg.get("max_sequence_length") or hf_cfg.get("max_position_embeddings") or 4096)
-  return {
-      "seed": 0,
-      "model": fields,
-      "process": {"name": "masked", "schedule": {"name": "linear", "eps": 1e-4}},
-      "data": {"source": "hf", "vocab_size": int(model["vocab_size"]), "seq_len": seq_len},
-      "sample": {"sampler": family, "steps": 128, "num_samples": 1, "length": 128,
-                 "temperature": 1.0, "top_p": 1.0, "seed": 0},
-      "eval": {"batch_size": 8, "num_passes": 1, "max_rows": 0, "seed": 1234},
-      "hf": {"family": family, "ids": ids, "source": src, "param_dtype": param_dtype},
-  }
 
 
 def _tokenizer_files(src: pathlib.Path) -> list[pathlib.Path]:
@@ -63,7 +43,7 @@ def convert(src: str | os.PathLike, workdir: str | os.PathLike,
   with tqdm(total=total, desc="convert", unit="tensor") as bar:
     fam, model, hf_cfg, params = hf.load_params(src, expected, progress=bar.update)
   dtype = str(np.dtype(params["embed"].dtype))
-  config = dlm_config(fam.name, model, hf_cfg, fam.special_ids(hf_cfg), str(src), dtype)
+  config = families.dlm_config(fam.name, model, hf_cfg, fam.special_ids(hf_cfg), str(src), dtype)
   with staging.staged(workdir, "--workdir", "convert") as stage:
     _write(stage, tokenizer_files, hf_cfg, params, config, str(src), workdir)
   return workdir
@@ -88,10 +68,10 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *,
 
   ``out`` is staged and renamed into place (``staging.staged``): written whole or not at all.
   """
-  from dlm import api
+  from dlm.models import loader
   out = pathlib.Path(out)
   staging.check_new(out, "--out", "export")  # before the (long) restore
-  m = api.from_pretrained(workdir, dtype=None, trust_config_code=trust_config_code)
+  m = loader.load(workdir, dtype=None, trust_config_code=trust_config_code)
   cfg = m.config
   family = cfg.get("hf", {}).get("family", "llada")
   if m.model_cfg.time_conditioning:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -10,11 +11,28 @@ import time
 from collections.abc import Sized
 from typing import Any, Iterable
 
+import numpy as np
+
 from dlm import jsonfile
 from dlm.errors import UserError
 
 CHAT_MAX_CHARS = 1_000_000  # the most a chat template may render (and any value it builds)
 CHAT_TIME_LIMIT_S = 5.0  # wall clock for parsing and rendering it
+
+
+def _unicode_to_byte() -> dict[str, int]:
+  """The inverse of GPT-2's byte-to-unicode table (printable bytes as themselves, the rest
+  shifted past 255), which byte-level BPE vocabularies are written in."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+          *range(ord("\xae"), ord("\xff") + 1)]
+  chars, n = {}, 0
+  for b in range(256):
+    if b in keep:
+      chars[chr(b)] = b
+    else:
+      chars[chr(256 + n)] = b
+      n += 1
+  return chars
 
 
 class HFTokenizer:
@@ -46,6 +64,32 @@ class HFTokenizer:
     drop = {self.mask_id, self.pad_id} - {None}
     return self._tok.decode([int(i) for i in ids if int(i) not in drop],
                             skip_special_tokens=False)
+
+  def piece_bytes(self) -> np.ndarray:
+    """[vocab_size] UTF-8 bytes each token id stands for in text (0 for special and unused ids).
+
+    Byte-level BPE (GPT-2, LLaDA, Dream): each character of a token is one byte
+    through the GPT-2 byte-to-unicode table; sentencepiece-style vocabularies:
+    ``<0xNN>`` is one byte and the ``\u2581`` word marker a space.
+    """
+    spec = json.loads(self._tok.to_str())
+    decoders = spec.get("decoder") or {}
+    kinds = [d.get("type") for d in decoders.get("decoders", [decoders])]
+    table = _unicode_to_byte() if "ByteLevel" in kinds else None
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    special |= {i for i in (self.mask_id, self.eos_id, self.pad_id, self.bos_id) if i is not None}
+    out = np.zeros(self.vocab_size, np.int64)
+    for i in range(min(self.vocab_size, self._tok.get_vocab_size(with_added_tokens=True))):
+      piece = self._tok.id_to_token(i)
+      if piece is None or i in special:
+        continue
+      if table is not None and all(c in table for c in piece):
+        out[i] = len(piece)
+      elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+        out[i] = 1
+      else:
+        out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    return out
 
   def _special(self, key: str) -> str:
     value = self.config.get(key)

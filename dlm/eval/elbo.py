@@ -11,9 +11,14 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import jax
-import numpy as np
+import functools
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dlm import losses, parallel
 from dlm.data import pipeline
 
 
@@ -58,3 +63,24 @@ def evaluate(eval_fn: Callable[..., dict[str, jax.Array]], params: Any, rows: np
   result.update(num_tokens=tokens / num_passes, num_bytes=num_bytes / num_passes,
                 num_passes=num_passes)
   return result
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], t: jax.Array, rng: jax.Array, *,
+              model: Callable[..., jax.Array], process: Any) -> dict[str, jax.Array]:
+  """Negative ELBO (nats) summed over the batch at given times t [B], and the token count."""
+  x0 = batch["tokens"]
+  loss_mask = batch["loss_mask"]
+  x_t = process.corrupt(rng, x0, t)
+  logits = model(params, x_t, t, **losses.denoiser_kwargs(batch))
+  nelbo = process.nelbo(logits, x0, x_t, t, loss_mask=loss_mask)  # [B]
+  return {"nelbo_sum": jnp.sum(nelbo), "num_tokens": jnp.sum(loss_mask)}
+
+
+def jit_eval_step(mesh: Mesh, rules: parallel.Rules, param_shardings: Any, *,
+                  batch_keys: tuple[str, ...] = ("tokens", "loss_mask"), **kw: Any):
+  row = parallel.batch_sharding(mesh, rules)
+  batch_sh = {k: row for k in batch_keys}
+  t_sh = NamedSharding(mesh, parallel.logical_to_spec(("batch",), rules, mesh))
+  fn = parallel.traced_in_mesh(functools.partial(eval_step, **kw), mesh, rules)
+  return jax.jit(fn, in_shardings=(param_shardings, batch_sh, t_sh, NamedSharding(mesh, P())),
+                 out_shardings=NamedSharding(mesh, P()))

@@ -271,3 +271,10 @@ def apply_fn(graphdef: nnx.GraphDef) -> Callable[..., Array]:
 
 def count_params(params: Any) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def param_logical_specs(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, abstract params, logical PartitionSpecs) without allocating anything."""
+  graphdef, abstract = abstract_model(model_cfg)
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
+  return graphdef, nnx.to_pure_dict(abstract), specs

@@ -14,12 +14,13 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
-from dlm import distributed, lock, losses, parallel, processes
+from dlm import distributed, lock, losses, parallel
 from dlm.data import inputs, pipeline
 from dlm.errors import UserError
 from dlm.eval import elbo
-from dlm.models import transformer
-from dlm.train import checkpoint, metrics as metrics_lib, optim, preemption
+from dlm.models import loader, transformer
+from dlm import checkpoint
+from dlm.train import metrics as metrics_lib, optim, preemption
 from dlm.train import state as state_lib, step as step_lib
 
 # Config entries that fix the shapes of what is saved in a workdir.
@@ -63,13 +64,6 @@ def check_compatible(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
       raise UserError(
           f"workdir {workdir} holds a run of a different model ({detail}); use a new --workdir"
           " or the config it was trained with")
-
-
-def build_model(config: ml_collections.ConfigDict, tokenizer: Any):
-  model_cfg = transformer.ModelConfig.from_config(config.model, vocab_size=tokenizer.vocab_size)
-  process = processes.make_process(config.process, vocab_size=tokenizer.vocab_size,
-                                   mask_id=tokenizer.mask_id)
-  return model_cfg, process
 
 
 def _warm_start_params(init_from: str | pathlib.Path, config: ml_collections.ConfigDict,
@@ -216,7 +210,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   meta = checkpoint.run_meta(config.to_dict(), workdir / pipeline.TOKENIZER_FILE)
 
   # --- model, process, loss, optimizer ---
-  model_cfg, process = build_model(config, tok)
+  model_cfg, process = loader.build(config, tok.vocab_size, tok.mask_id)
   total_steps = int(tc.steps)
   tx, graphdef, abstract, shardings, train_step = make_train_step(
       config, model_cfg, process, mesh, rules, data.batch_keys)
@@ -249,7 +243,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                       if "python_version" in data.meta else ""))
 
   # --- steps ---
-  eval_step = step_lib.jit_eval_step(mesh, rules, shardings.params, model=apply, process=process)
+  eval_step = elbo.jit_eval_step(mesh, rules, shardings.params, model=apply, process=process)
   all_finite = step_lib.jit_all_finite(shardings)
   put = functools.partial(parallel.global_batch, mesh=mesh, rules=rules)
   put_eval = functools.partial(parallel.replicated_batch, mesh=mesh, rules=rules)

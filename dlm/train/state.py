@@ -27,18 +27,11 @@ class TrainState:
   nonfinite_streak: jax.Array  # int32 []: how many of them in a row, up to this step
 
 
-def param_logical_specs(model_cfg: transformer.ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:
-  """(graphdef, abstract params, logical PartitionSpecs) without allocating anything."""
-  graphdef, abstract = transformer.abstract_model(model_cfg)
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
-  return graphdef, nnx.to_pure_dict(abstract), specs
-
-
 def state_shardings(model_cfg: transformer.ModelConfig, tx: optax.GradientTransformation,
                     mesh: Mesh, rules: parallel.Rules, *,
                     ema: bool = False) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """(graphdef, abstract TrainState, TrainState of NamedShardings)."""
-  graphdef, abstract_params, specs = param_logical_specs(model_cfg)
+  graphdef, abstract_params, specs = transformer.param_logical_specs(model_cfg)
   param_sh = parallel.tree_shardings(specs, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = optax.tree_map_params(

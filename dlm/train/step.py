@@ -1,4 +1,4 @@
-"""train_step / eval_step: pure functions, jitted with explicit shardings over the mesh."""
+"""train_step: pure functions, jitted with explicit shardings over the mesh."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dlm import losses, parallel
+from dlm import parallel
 from dlm.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -102,33 +102,11 @@ def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
   return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], t: jax.Array, rng: jax.Array, *,
-              model: Callable[..., jax.Array], process: Any) -> Metrics:
-  """Negative ELBO (nats) summed over the batch at given times t [B], and the token count."""
-  x0 = batch["tokens"]
-  loss_mask = batch["loss_mask"]
-  x_t = process.corrupt(rng, x0, t)
-  logits = model(params, x_t, t, **losses.denoiser_kwargs(batch))
-  nelbo = process.nelbo(logits, x0, x_t, t, loss_mask=loss_mask)  # [B]
-  return {"nelbo_sum": jnp.sum(nelbo), "num_tokens": jnp.sum(loss_mask)}
-
-
-def traced_in_mesh(fn: Callable[..., Any], mesh: Mesh, rules: parallel.Rules) -> Callable[..., Any]:
-  """Activations' logical constraints resolve against this mesh when ``fn`` is traced."""
-
-  @functools.wraps(fn)
-  def wrapped(*args: Any) -> Any:
-    with parallel.use_mesh(mesh, rules):
-      return fn(*args)
-
-  return wrapped
-
-
 def jit_train_step(mesh: Mesh, rules: parallel.Rules, shardings: TrainState, *,
                    batch_keys: tuple[str, ...] = ("tokens",), **kw: Any):
   """The train step jitted with the state's shardings, [batch, length] batches, donated state."""
   batch_sh = {k: parallel.batch_sharding(mesh, rules) for k in batch_keys}
-  fn = traced_in_mesh(functools.partial(train_step, **kw), mesh, rules)
+  fn = parallel.traced_in_mesh(functools.partial(train_step, **kw), mesh, rules)
   return jax.jit(fn, in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
@@ -144,11 +122,3 @@ def jit_all_finite(shardings: Any):
   return jax.jit(all_finite, in_shardings=(shardings,))
 
 
-def jit_eval_step(mesh: Mesh, rules: parallel.Rules, param_shardings: Any, *,
-                  batch_keys: tuple[str, ...] = ("tokens", "loss_mask"), **kw: Any):
-  row = parallel.batch_sharding(mesh, rules)
-  batch_sh = {k: row for k in batch_keys}
-  t_sh = NamedSharding(mesh, parallel.logical_to_spec(("batch",), rules, mesh))
-  fn = traced_in_mesh(functools.partial(eval_step, **kw), mesh, rules)
-  return jax.jit(fn, in_shardings=(param_shardings, batch_sh, t_sh, NamedSharding(mesh, P())),
-                 out_shardings=NamedSharding(mesh, P()))

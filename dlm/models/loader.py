@@ -1,0 +1,203 @@
+"""One loader: a dlm workdir or a Hugging Face LLaDA/Dream folder -> ``DiffusionLM``.
+
+Sampling, evaluation and export load models only through ``load``; it imports no
+training code (the checkpoint reader is ``dlm/checkpoint.py``).  A workdir is data:
+its ``config.json`` names registered things only, unless ``trust_config_code``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dlm import checkpoint, jsonfile, processes
+from dlm.errors import UserError
+from dlm.models import transformer
+
+
+@dataclasses.dataclass
+class DiffusionLM:
+  """A loaded model: config, parameters, Transformer config, process, special ids, tokenizer.
+
+  The one container of a model for sampling and evaluation, whatever it was loaded from
+  (``load``).
+  """
+  config: ml_collections.ConfigDict
+  model_cfg: transformer.ModelConfig
+  params: Any
+  ids: dict[str, int | None]
+  tokenizer: Any
+  apply: Any  # the pure apply(params, x_t, t, **kw) -> logits
+  process: Any = None  # the corruption process (dlm.processes) the model was trained with
+  step: int = 0  # the checkpoint step loaded (0 for an imported model)
+  weights: str = "params"  # or "ema_params": which of the checkpoint's weights were loaded
+  # samplers' parameter layout: True = decode layout (dlm/models/decode.py), None = on CPU only
+  decode_layout: bool | None = None
+  # keep the decode-layout copy of the weights between generate calls (a second copy in
+  # memory); False converts inside every call instead (~0.25 s at 114M parameters)
+  keep_sampling_params: bool = True
+
+  @property
+  def sampling(self) -> tuple[Any, Any]:
+    """(prepare, apply) for samplers: ``apply(prepare(params), x_t, t, **kw)`` is ``self.apply``'s
+    network; call ``prepare`` inside the sampler's jit, before its loop.  Made once per
+    ``decode_layout`` value."""
+    from dlm.models import decode
+    made = self.__dict__.setdefault("_sampling", {})
+    if self.decode_layout not in made:
+      made[self.decode_layout] = decode.for_sampling(self.model_cfg, self.apply, self.decode_layout)
+    return made[self.decode_layout]
+
+  def sampling_params(self) -> Any:
+    """``self.params`` as the samplers take them: in decode layout where that is used,
+    converted once and kept while the parameters are the same arrays (see
+    ``keep_sampling_params``); ``prepare`` leaves them as they are."""
+    prepare, apply = self.sampling
+    if apply is self.apply or not self.keep_sampling_params:
+      return self.params
+    leaves = jax.tree.leaves(self.params)
+    key = (self.decode_layout, tuple(map(id, leaves)))
+    kept = self.__dict__.get("_sampling_params")
+    if kept is None or kept[0] != key:
+      self.__dict__["_sampling_params"] = None  # free the old copy before making a new one
+      # the leaves are held so that their ids stay theirs while the copy is kept
+      kept = (key, leaves, jax.jit(prepare)(self.params))
+      self.__dict__["_sampling_params"] = kept
+    return kept[2]
+
+  def jitted(self, name: str, knobs: dict, build: Any) -> Any:
+    """``jax.jit(build())`` made once per sampler and knobs on this model: a fresh jit per
+    call would trace and compile the whole loop every time."""
+    key = (name, self.decode_layout, repr(sorted(knobs.items())))
+    cache = self.__dict__.setdefault("_jitted", {})
+    if key not in cache:
+      cache[key] = jax.jit(build())
+    return cache[key]
+
+  @functools.cached_property
+  def _apply(self):
+    return jax.jit(self.apply, static_argnames=("raw_logits",))
+
+  def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+    """The network's float32 logits [B, L, V] as the reference forward returns them (Dream unshifted).
+
+    ``attention_mask`` [B, L] (1 = real token) for left-padded batches.
+    """
+    ids = jnp.asarray(input_ids, jnp.int32)
+    if ids.ndim != 2:
+      raise UserError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
+    if int(jnp.max(ids)) >= self.model_cfg.vocab_size or int(jnp.min(ids)) < 0:
+      raise UserError(f"input_ids must be in [0, {self.model_cfg.vocab_size}); got"
+                      f" {int(jnp.min(ids))}..{int(jnp.max(ids))}")
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    if mask is not None and mask.shape != ids.shape:
+      raise UserError(f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
+    return np.asarray(self._apply(self.params, ids, None, attention_mask=mask, raw_logits=True))
+
+  def generate(self, prompt_ids: Any, attention_mask: Any = None, *, sampler: str | None = None,
+               seed: int = 0, **knobs: Any) -> Any:
+    """Generates after each prompt with a sampler and the reference code's knob names.
+
+    ``sampler``: a registered name (``llada``, ``dream``, ``fast_dllm``,
+    ``ancestral``) or ``"pkg.mod:make"``; None uses the model's own
+    (``config.sample.sampler``).  Each sampler lists its knobs
+    (``dlm.sample.engine.resolve(name).knobs``); an unknown knob is an error.
+    Rows of different lengths are left-padded with ``attention_mask`` (llada, dream).
+    Returns ``.sequences`` (prompt included), ``.nfe``, ``.committed_at``, ``.texts``.
+    """
+    from dlm.sample import engine  # the layer above: imported only when generating
+    return engine.generate(self, prompt_ids, attention_mask, sampler=sampler, seed=seed, **knobs)
+
+
+def is_hf_folder(path: str | pathlib.Path) -> bool:
+  """A Hugging Face model folder: a config.json that is not a dlm config (no ``model``)."""
+  cfg = pathlib.Path(path) / "config.json"
+  return cfg.is_file() and "model" not in jsonfile.read_object(
+      cfg, fix="give a Hugging Face model folder or a dlm workdir")
+
+
+def build(config: ml_collections.ConfigDict, vocab_size: int,
+          mask_id: int) -> tuple[transformer.ModelConfig, Any]:
+  """(model config, process) of a dlm config: what training and loading both build."""
+  model_cfg = transformer.ModelConfig.from_config(config.model, vocab_size=vocab_size)
+  return model_cfg, processes.make_process(config.process, vocab_size=vocab_size, mask_id=mask_id)
+
+
+def _cast(params: Any, dtype: str | None) -> Any:
+  if dtype is None:
+    return jax.tree.map(jnp.asarray, params)
+  return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+
+
+def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None = None,
+         dtype: str | None = "float32", trust_config_code: bool = False,
+         compile_cache: str | bool | None = None) -> DiffusionLM:
+  """A trained dlm workdir, a converted workdir or an HF folder (LLaDA / Dream) -> ``DiffusionLM``.
+
+  ``path`` may also be one checkpoint of a workdir, ``WORKDIR/checkpoints/STEP``.
+  ``step``: the checkpoint to load (default: the newest readable one).
+  ``ema``: load the EMA weights (default: when the run kept them, ``train.ema_decay > 0``).
+  ``dtype``: the parameters' dtype in memory (None keeps the checkpoint's, e.g.
+  bfloat16 for the released 8B models); compute runs in ``model.dtype``.
+  ``trust_config_code``: a workdir's ``config.json`` may name ``module:attr`` imports
+  (refused otherwise: a downloaded folder is data, never a program).
+  ``compile_cache``: JAX's persistent compilation cache (``dlm/compile_cache.py``): None
+  = the default directory, a path, or False / "off".
+  """
+  from dlm import compile_cache as compile_cache_lib
+  from dlm.data import hf_tokenizer
+  compile_cache_lib.enable(compile_cache)
+  path = pathlib.Path(path)
+  if (path.parent.name == checkpoint.CHECKPOINTS and path.name.isdigit()
+      and not (path / "config.json").is_file()):  # a step folder: that step of its workdir
+    if step is not None and step != int(path.name):
+      raise UserError(f"{path} is step {path.name} but step={step} was asked; give the workdir")
+    path, step = path.parent.parent, int(path.name)
+  if not (path / "config.json").is_file():
+    raise UserError(f"{path} has no config.json: give a dlm workdir or a Hugging Face model"
+                    " folder")
+  if is_hf_folder(path):
+    from dlm.convert import families, hf
+    fam, model, hf_cfg, params = hf.load_params(path)
+    ids = fam.special_ids(hf_cfg)
+    config = ml_collections.ConfigDict(families.dlm_config(
+        fam.name, model, hf_cfg, ids, str(path), str(params["embed"].dtype)))
+    model_cfg, process = build(config, int(config.model.vocab_size), ids["mask"])
+    params, step, weights, tok = _cast(params, dtype), 0, "params", None
+  else:
+    config = ml_collections.ConfigDict(
+        checkpoint.read_config(path, trust_config_code=trust_config_code))
+    tok = None
+    if "hf" in config:  # converted: ids and the parameters' dtype in the config
+      ids = dict(config.hf.ids)
+      vocab, stored = int(config.model.vocab_size), config.hf.get("param_dtype")
+    else:  # trained by dlm: its sentencepiece model names the special ids
+      tok = hf_tokenizer.load_any_tokenizer(path)
+      if tok is None:
+        raise UserError(f"{path} has no tokenizer.model; copy it from the run's workdir (or"
+                        " a checkpoint's meta item)")
+      ids = {"mask": tok.mask_id, "eos": tok.eos_id, "pad": tok.pad_id, "bos": tok.bos_id}
+      vocab, stored = tok.vocab_size, None
+    model_cfg, process = build(config, vocab, ids["mask"])
+    _, abstract, _ = transformer.param_logical_specs(model_cfg)
+    want = jnp.dtype(dtype or stored or "float32")
+    if stored is not None or dtype is not None:
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, want), abstract)
+    if ema is None:  # from the config, not the checkpoint's metadata: a lost file is an error
+      ema = float(config.get("train", {}).get("ema_decay", 0.0) or 0.0) > 0
+    step, params = checkpoint.restore_params(path, abstract, step, ema=ema)
+    params, weights = _cast(params, dtype), "ema_params" if ema else "params"
+  graphdef, _, _ = transformer.param_logical_specs(model_cfg)
+  if tok is None:
+    tok = hf_tokenizer.load_any_tokenizer(path, vocab_size=model_cfg.vocab_size,
+                                          **{f"{k}_id": v for k, v in ids.items()})
+  return DiffusionLM(config=config, model_cfg=model_cfg, params=params, ids=ids, tokenizer=tok,
+                     apply=transformer.apply_fn(graphdef), process=process, step=step,
+                     weights=weights)
