@@ -200,6 +200,14 @@ def cmd_sample() -> None:
   if f.sampler is not None:
     make = engine.resolve(f.sampler)  # the user's own name: module:function allowed
   run = loader.load(f.hf or _workdir(), trust_config_code=f.trust_config_code)
+  if _MESH_OVERRIDES:  # --config.mesh.*: the parameters and the sampler over a mesh
+    mesh_cfg = run.config.get("mesh", None)
+    sizes = {k: int(mesh_cfg.get(k, 1)) if mesh_cfg is not None else (-1 if k == "data" else 1)
+             for k in ("data", "fsdp", "tensor")}
+    sizes.update(_MESH_OVERRIDES)
+    if list(sizes.values()).count(-1) == 0 and "data" not in _MESH_OVERRIDES:
+      sizes["data"] = -1  # the rest of the devices take prompts
+    run = loader.shard(run, sizes)
   tok = run.tokenizer
   if tok is None:
     raise UserError(f"{f.hf or f.workdir} has no tokenizer.json; dlm sample needs it to read"
@@ -440,6 +448,33 @@ def one_line(e: BaseException) -> str:
           " report it if the input looks valid)")
 
 
+# dlm sample --config.mesh.{data,fsdp,tensor}=N: the mesh to sample on (the loaded config's)
+_MESH_OVERRIDES: dict[str, int] = {}
+
+
+def _mesh_overrides(cmd: str, args: list[str]) -> list[str]:
+  """``dlm sample``'s ``--config.mesh.AXIS=N`` arguments, taken out of ``args`` (the loaded
+  model's config is not known when flags are parsed)."""
+  rest = []
+  for arg in args:
+    if cmd != "sample" or not arg.startswith("--config."):
+      rest.append(arg)
+      continue
+    key, _, value = arg[len("--config."):].partition("=")
+    axis = key.removeprefix("mesh.")
+    if axis not in ("data", "fsdp", "tensor") or not key.startswith("mesh."):
+      raise _usage(f"{arg.split('=')[0]}: dlm sample takes only --config.mesh.data, .fsdp and"
+                   " .tensor (other settings are flags, e.g. --steps)")
+    try:
+      n = int(value)
+    except ValueError:
+      raise _usage(f"{arg}: give a whole number of devices (or -1 for the rest)") from None
+    if n == 0 or n < -1:
+      raise _usage(f"{arg}: give a positive number of devices (or -1 for the rest)")
+    _MESH_OVERRIDES[axis] = n
+  return rest
+
+
 def run(argv: list[str] | None = None) -> None:
   """Entry point of the ``dlm`` console script."""
   argv = list(sys.argv if argv is None else argv)
@@ -447,6 +482,11 @@ def run(argv: list[str] | None = None) -> None:
     print(USAGE, file=sys.stderr)
     sys.exit(2)
   cmd = argv[1]
+  try:
+    argv = argv[:2] + _mesh_overrides(cmd, argv[2:])
+  except _UsageError as e:
+    print(f"dlm {cmd}: error: {e}", file=sys.stderr)
+    sys.exit(2)
   if cmd == "compile":  # compiles for TPU devices described by libtpu; this host's chips unused
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   define, body = _COMMANDS[cmd]

@@ -38,6 +38,8 @@ class DiffusionLM:
   process: Any = None  # the corruption process (dlm.processes) the model was trained with
   step: int = 0  # the checkpoint step loaded (0 for an imported model)
   weights: str = "params"  # or "ema_params": which of the checkpoint's weights were loaded
+  mesh: Any = None  # jax.sharding.Mesh the parameters are placed on (``shard``), or None
+  rules: Any = None  # the logical -> mesh axis rules used with ``mesh``
   # samplers' parameter layout: True = decode layout (dlm/models/decode.py), None = on CPU only
   decode_layout: bool | None = None
   # keep the decode-layout copy of the weights between generate calls (a second copy in
@@ -72,14 +74,24 @@ class DiffusionLM:
       self.__dict__["_sampling_params"] = kept
     return kept[2]
 
-  def jitted(self, name: str, knobs: dict, build: Any) -> Any:
-    """``jax.jit(build())`` made once per sampler and knobs on this model: a fresh jit per
-    call would trace and compile the whole loop every time."""
+  def jitted(self, name: str, knobs: dict, build: Any, **jit_kw: Any) -> Any:
+    """``jax.jit(build(), **jit_kw)`` made once per sampler and knobs on this model: a fresh
+    jit per call would trace and compile the whole loop every time.  On a mesh the function
+    is traced inside it (activations constrained by logical names)."""
     key = (name, self.decode_layout, repr(sorted(knobs.items())))
     cache = self.__dict__.setdefault("_jitted", {})
     if key not in cache:
-      cache[key] = jax.jit(build())
+      fn = build()
+      if self.mesh is not None:
+        from dlm import parallel
+        fn = parallel.traced_in_mesh(fn, self.mesh, self.rules)
+      cache[key] = jax.jit(fn, **jit_kw)
     return cache[key]
+
+  @property
+  def param_shardings(self) -> Any:
+    """The parameters' NamedShardings on ``mesh`` (None without a mesh)."""
+    return None if self.mesh is None else jax.tree.map(lambda x: x.sharding, self.params)
 
   @functools.cached_property
   def _apply(self):
@@ -136,8 +148,55 @@ def _cast(params: Any, dtype: str | None) -> Any:
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
+def _sampling_rules(config: Any) -> tuple[tuple[str, Any], ...]:
+  """The config's logical -> mesh rules with prompts (``batch``) over ``data`` only: ``fsdp``
+  shards the parameters (gathered layer by layer), ``tensor`` the heads, MLP and vocabulary."""
+  from dlm import parallel
+  mesh_cfg = config.get("mesh", None) if hasattr(config, "get") else None
+  rules = parallel.rules_from_config(mesh_cfg) if mesh_cfg is not None else parallel.DEFAULT_RULES
+  return tuple((k, "data") if k == "batch" else (k, v) for k, v in rules)
+
+
+def shard(model: DiffusionLM, mesh: Any, *, devices: Any = None) -> DiffusionLM:
+  """``model`` with its parameters placed over ``mesh`` by the same logical-axis rules as
+  training; its samplers then run jitted with explicit shardings over that mesh.
+
+  ``mesh``: a ``jax.sharding.Mesh`` with axes (data, fsdp, tensor), or their sizes
+  (``{"data": 1, "fsdp": 4, "tensor": 2}``, one may be -1) over ``devices`` (default all).
+  """
+  from jax.sharding import Mesh
+  from dlm import parallel
+  if not isinstance(mesh, Mesh):
+    sizes = dict(mesh)
+    try:
+      mesh = parallel.make_mesh(sizes, devices)
+    except ValueError as e:
+      raise UserError(f"{e} (sampling mesh {sizes})") from None
+  rules = _sampling_rules(model.config)
+  _, abstract, specs = transformer.param_logical_specs(model.model_cfg)
+  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  spec_of = dict(jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
+  for path, leaf in flat:
+    spec = parallel.logical_to_spec(tuple(spec_of[path]), rules, mesh)
+    for dim, axes, logical in zip(leaf.shape, spec, tuple(spec_of[path])):
+      names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      n = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+      if dim % n:
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise UserError(
+            f"the mesh {dict(mesh.shape)} does not divide the model: {where} has {dim}"
+            f" {logical} over {'x'.join(names)}={n}; pick sizes that divide the heads"
+            f" ({model.model_cfg.num_heads}, {model.model_cfg.num_kv_heads or model.model_cfg.num_heads}"
+            f" key/value), MLP ({model.model_cfg.mlp}), width ({model.model_cfg.d_model}) and"
+            f" vocabulary ({model.model_cfg.vocab_size})")
+  shardings = parallel.tree_shardings(specs, mesh, rules)
+  params = jax.device_put(model.params, shardings)
+  return dataclasses.replace(model, params=params, mesh=mesh, rules=rules, decode_layout=False)
+
+
 def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None = None,
-         dtype: str | None = "float32", trust_config_code: bool = False,
+         dtype: str | None = "float32", mesh: Any = None, trust_config_code: bool = False,
          compile_cache: str | bool | None = None) -> DiffusionLM:
   """A trained dlm workdir, a converted workdir or an HF folder (LLaDA / Dream) -> ``DiffusionLM``.
 
@@ -146,6 +205,8 @@ def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None 
   ``ema``: load the EMA weights (default: when the run kept them, ``train.ema_decay > 0``).
   ``dtype``: the parameters' dtype in memory (None keeps the checkpoint's, e.g.
   bfloat16 for the released 8B models); compute runs in ``model.dtype``.
+  ``mesh``: shard the parameters and the samplers over a mesh (``shard``): a ``Mesh`` or
+  axis sizes such as ``{"fsdp": 4, "tensor": 2}`` (the rest of the devices go to ``data``).
   ``trust_config_code``: a workdir's ``config.json`` may name ``module:attr`` imports
   (refused otherwise: a downloaded folder is data, never a program).
   ``compile_cache``: JAX's persistent compilation cache (``dlm/compile_cache.py``): None
@@ -198,6 +259,10 @@ def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None 
   if tok is None:
     tok = hf_tokenizer.load_any_tokenizer(path, vocab_size=model_cfg.vocab_size,
                                           **{f"{k}_id": v for k, v in ids.items()})
-  return DiffusionLM(config=config, model_cfg=model_cfg, params=params, ids=ids, tokenizer=tok,
-                     apply=transformer.apply_fn(graphdef), process=process, step=step,
-                     weights=weights)
+  model = DiffusionLM(config=config, model_cfg=model_cfg, params=params, ids=ids, tokenizer=tok,
+                      apply=transformer.apply_fn(graphdef), process=process, step=step,
+                      weights=weights)
+  if mesh is not None:
+    sizes = mesh if not isinstance(mesh, dict) else {"data": -1, **mesh}
+    model = shard(model, sizes)
+  return model

@@ -256,7 +256,18 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
 
   # params are an argument, not a closure: no weight constants baked into the program
   # the ids are part of the program (mask id, EOS flags): a change to model.ids recompiles
-  fn = model.jitted(name, dict(full, _ids=tuple(sorted(ids.items()))), build)
+  jit_kw = {}
+  mesh = getattr(model, "mesh", None)
+  if mesh is not None:  # prompts over `data`, parameters as placed (fsdp, tensor)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    data = mesh.shape["data"]
+    if given.shape[0] % data:
+      raise UserError(f"a batch of {given.shape[0]} rows does not divide over the mesh's"
+                      f" data={data}; give a multiple of {data} rows or a smaller mesh data size")
+    row, one = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P())
+    jit_kw = dict(in_shardings=(model.param_shardings, one, row, row,
+                                None if am is None else row))
+  fn = model.jitted(name, dict(full, _ids=tuple(sorted(ids.items()))), build, **jit_kw)
   key = jax.random.key(seed) if rng is None else rng
   final = fn(model.sampling_params(), key, jnp.asarray(given), jnp.asarray(fixed),
              None if am is None else jnp.asarray(am))
