@@ -201,13 +201,7 @@ def cmd_sample() -> None:
     make = engine.resolve(f.sampler)  # the user's own name: module:function allowed
   run = loader.load(f.hf or _workdir(), trust_config_code=f.trust_config_code)
   if _MESH_OVERRIDES:  # --config.mesh.*: the parameters and the sampler over a mesh
-    mesh_cfg = run.config.get("mesh", None)
-    sizes = {k: int(mesh_cfg.get(k, 1)) if mesh_cfg is not None else (-1 if k == "data" else 1)
-             for k in ("data", "fsdp", "tensor")}
-    sizes.update(_MESH_OVERRIDES)
-    if list(sizes.values()).count(-1) == 0 and "data" not in _MESH_OVERRIDES:
-      sizes["data"] = -1  # the rest of the devices take prompts
-    run = loader.shard(run, sizes)
+    run = loader.shard(run, _MESH_OVERRIDES)
   tok = run.tokenizer
   if tok is None:
     raise UserError(f"{f.hf or f.workdir} has no tokenizer.json; dlm sample needs it to read"
@@ -455,6 +449,7 @@ _MESH_OVERRIDES: dict[str, int] = {}
 def _mesh_overrides(cmd: str, args: list[str]) -> list[str]:
   """``dlm sample``'s ``--config.mesh.AXIS=N`` arguments, taken out of ``args`` (the loaded
   model's config is not known when flags are parsed)."""
+  _MESH_OVERRIDES.clear()
   rest = []
   for arg in args:
     if cmd != "sample" or not arg.startswith("--config."):

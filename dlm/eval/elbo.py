@@ -8,10 +8,9 @@ from a fixed, seeded stratified grid, so numbers are comparable across runs.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
-
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -28,8 +28,8 @@ def text_rows(tokenizer: Any, texts: list[str], seq_len: int, max_rows: int,
   """Each text's ids then EOS, concatenated and cut into full [N, seq_len] rows."""
   eos = tokenizer.eos_id
   if eos is None:
-    raise UserError(f"the tokenizer of {where} has no EOS id; give the model's"
-                    " tokenizer_config.json")
+    raise UserError("the model's tokenizer has no EOS id; give the model folder its"
+                    " tokenizer_config.json (eos_token)")
   docs, total = [], 0
   for text in texts:
     docs.append(tokenizer.encode(text))

@@ -152,7 +152,7 @@ def _sampling_rules(config: Any) -> tuple[tuple[str, Any], ...]:
   """The config's logical -> mesh rules with prompts (``batch``) over ``data`` only: ``fsdp``
   shards the parameters (gathered layer by layer), ``tensor`` the heads, MLP and vocabulary."""
   from dlm import parallel
-  mesh_cfg = config.get("mesh", None) if hasattr(config, "get") else None
+  mesh_cfg = config.get("mesh", None)
   rules = parallel.rules_from_config(mesh_cfg) if mesh_cfg is not None else parallel.DEFAULT_RULES
   return tuple((k, "data") if k == "batch" else (k, v) for k, v in rules)
 
@@ -161,13 +161,16 @@ def shard(model: DiffusionLM, mesh: Any, *, devices: Any = None) -> DiffusionLM:
   """``model`` with its parameters placed over ``mesh`` by the same logical-axis rules as
   training; its samplers then run jitted with explicit shardings over that mesh.
 
-  ``mesh``: a ``jax.sharding.Mesh`` with axes (data, fsdp, tensor), or their sizes
-  (``{"data": 1, "fsdp": 4, "tensor": 2}``, one may be -1) over ``devices`` (default all).
+  ``mesh``: a ``jax.sharding.Mesh`` with axes (data, fsdp, tensor), or some of their sizes
+  (``{"fsdp": 4, "tensor": 2}``; an axis left out is 1, and ``data`` takes the rest of
+  ``devices`` (default all) unless a size is -1).
   """
   from jax.sharding import Mesh
   from dlm import parallel
   if not isinstance(mesh, Mesh):
-    sizes = dict(mesh)
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, **dict(mesh)}
+    if -1 not in sizes.values() and "data" not in dict(mesh):
+      sizes["data"] = -1  # the rest of the devices take prompts
     try:
       mesh = parallel.make_mesh(sizes, devices)
     except ValueError as e:
@@ -231,6 +234,7 @@ def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None 
     config = ml_collections.ConfigDict(families.dlm_config(
         fam.name, model, hf_cfg, ids, str(path), str(params["embed"].dtype)))
     model_cfg, process = build(config, int(config.model.vocab_size), ids["mask"])
+    graphdef = transformer.param_logical_specs(model_cfg)[0]
     params, step, weights, tok = _cast(params, dtype), 0, "params", None
   else:
     config = ml_collections.ConfigDict(
@@ -247,7 +251,7 @@ def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None 
       ids = {"mask": tok.mask_id, "eos": tok.eos_id, "pad": tok.pad_id, "bos": tok.bos_id}
       vocab, stored = tok.vocab_size, None
     model_cfg, process = build(config, vocab, ids["mask"])
-    _, abstract, _ = transformer.param_logical_specs(model_cfg)
+    graphdef, abstract, _ = transformer.param_logical_specs(model_cfg)
     want = jnp.dtype(dtype or stored or "float32")
     if stored is not None or dtype is not None:
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, want), abstract)
@@ -255,14 +259,10 @@ def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None 
       ema = float(config.get("train", {}).get("ema_decay", 0.0) or 0.0) > 0
     step, params = checkpoint.restore_params(path, abstract, step, ema=ema)
     params, weights = _cast(params, dtype), "ema_params" if ema else "params"
-  graphdef, _, _ = transformer.param_logical_specs(model_cfg)
   if tok is None:
     tok = hf_tokenizer.load_any_tokenizer(path, vocab_size=model_cfg.vocab_size,
                                           **{f"{k}_id": v for k, v in ids.items()})
   model = DiffusionLM(config=config, model_cfg=model_cfg, params=params, ids=ids, tokenizer=tok,
                       apply=transformer.apply_fn(graphdef), process=process, step=step,
                       weights=weights)
-  if mesh is not None:
-    sizes = mesh if not isinstance(mesh, dict) else {"data": -1, **mesh}
-    model = shard(model, sizes)
-  return model
+  return model if mesh is None else shard(model, mesh)

@@ -198,6 +198,9 @@ class Output:
 
 
 def _process(model: Any) -> Any:
+  """The model's process (the loader sets it), else one made from its config and kept."""
+  if getattr(model, "process", None) is not None:
+    return model.process
   from dlm import processes
   kept = model.__dict__.get("_process")
   if kept is None:
