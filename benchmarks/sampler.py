@@ -44,7 +44,7 @@ def make_model(d_model: int, layers: int, vocab: int) -> api.DiffusionLM:
   params = nnx.to_pure_dict(state)
   apply = transformer.apply_fn(graphdef)
   x = jnp.asarray(np.random.default_rng(0).integers(3, 240, (1, 64)), jnp.int32)
-  std = float(jnp.std(apply(params, x, None)))
+  std = float(jnp.std(apply(params, x, None)[0]))
   params["head"] = params["head"] * (5.0 / std)
   config = ml_collections.ConfigDict({"process": {"name": "masked",
                                                   "schedule": {"name": "linear", "eps": 1e-4}}})
@@ -71,15 +71,15 @@ def pass_seconds(apply, params, x: jax.Array, window: int | None, start: int = 1
   or (``window``) a dual-cache pass over x[:, start:start + window].  (t(8) - t(2)) / 6."""
   def make(n: int):
     def f(params, x):
-      _, cache = apply(params, x, None, return_kv=True)
+      _, cache = apply(params, x, None, fill_cache=True)
 
       def body(i, acc):
         xi = x.at[:, start].set(3 + i % 200)  # a changing input: nothing is hoisted out of the loop
         if window:
-          out = apply(params, xi[:, start:start + window], None, kv_cache=cache,
-                      cache_start=jnp.int32(start))
+          out, _ = apply(params, xi[:, start:start + window], None, cache=cache,
+                         cache_start=jnp.int32(start))
         else:
-          out = apply(params, xi, None)
+          out, _ = apply(params, xi, None)
         return acc + out[0, -1, 0]
 
       return jax.lax.fori_loop(0, n, body, 0.0)
@@ -94,7 +94,7 @@ def eager_llada(m: api.DiffusionLM, prompt: np.ndarray, steps: int, gen: int, bl
   """The reference structure: Python loops, one jitted forward per step, decisions in numpy."""
   prepare, apply = m.sampling
   params = jax.jit(prepare)(m.params)
-  fwd = jax.jit(lambda x: apply(params, x, None))
+  fwd = jax.jit(lambda x: apply(params, x, None)[0])
   b, p = prompt.shape
   x = np.concatenate([prompt, np.full((b, gen), MASK, np.int32)], 1)
   jax.block_until_ready(fwd(jnp.asarray(x)))

@@ -4,7 +4,8 @@ A loss is
 
   loss_fn(params, batch, rng, *, model, process, config) -> (scalar, metrics)
 
-with model(params, x_t, t) -> logits float32 [B, L, V], batch = {"tokens":
+with model(params, x_t, t, **kw) -> (logits float32 [B, L, V], cache) (the denoiser
+contract, ``dlm/models/transformer.py``; ``denoiser_kwargs`` gives kw), batch = {"tokens":
 int32 [B, L], optional "loss_mask": [B, L], optional "row_ids" [B] and
 "num_rows" [] (the rows' place in the step's whole batch when gradients
 accumulate over microbatches: draw each row's randomness from them, as
@@ -72,7 +73,7 @@ def denoiser_kwargs(batch: dict[str, Array]) -> dict[str, Array]:
 
 def _logits(model: Callable[..., Array], params: Any, x_t: Array,
             t: Array, vocab_size: int, **kw: Array) -> Array:
-  logits = model(params, x_t, t, **kw)
+  logits, _ = model(params, x_t, t, **kw)
   common.check_logits(logits, x_t, vocab_size)
   return logits.astype(jnp.float32)
 

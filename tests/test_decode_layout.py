@@ -36,12 +36,12 @@ def test_decode_layout_computes_the_same_network(kw, monkeypatch):
   am = jnp.asarray(np.array([[1] * 20, [0] * 5 + [1] * 15]), jnp.int32)
 
   def outputs(apply, params):  # every kind of pass, in one compiled program
-    logits, cache = apply(params, x, t, return_kv=True)
-    out = (logits, apply(params, x, t, attention_mask=am), cache.k, cache.v,
-           apply(params, x[:, 6:14], t, kv_cache=cache, cache_start=jnp.int32(6)))
+    logits, cache = apply(params, x, t, fill_cache=True)
+    out = (logits, apply(params, x, t, attention_mask=am)[0], cache.k, cache.v,
+           apply(params, x[:, 6:14], t, cache=cache, cache_start=jnp.int32(6))[0])
     if cfg.pad_positions == "index":  # a padded window pass masks the cached pad keys
-      out += (apply(params, x[:, 6:14], t, kv_cache=cache, cache_start=jnp.int32(6),
-                    attention_mask=am),)
+      out += (apply(params, x[:, 6:14], t, cache=cache, cache_start=jnp.int32(6),
+                    attention_mask=am)[0],)
     return out
 
   want = jax.jit(lambda p: outputs(apply, p))(params)

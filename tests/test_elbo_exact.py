@@ -365,7 +365,8 @@ def mc_loss(loss_name, process, params, x0, *, loss_cfg, loss_mask=None,
   loss_fn = losses.get_loss(loss_name)
 
   def one(rng):
-    return loss_fn(params, batch, rng, model=table_apply, process=process, config=loss_cfg)
+    return loss_fn(params, batch, rng, model=lambda p, x, t, **kw: (table_apply(p, x, t), None),
+                   process=process, config=loss_cfg)
 
   # unsafe_rbg keys only to cut XLA:CPU compile time; the losses are key-impl agnostic.
   keys = jax.random.split(jax.random.key(seed, impl="unsafe_rbg"), draws)

@@ -48,16 +48,17 @@ def check_case(model, c) -> None:
 def test_window_pass_on_a_fresh_cache_equals_the_full_forward(model):
   """With a cache filled from the same tokens, a window pass gives the full pass's logits."""
   x = jnp.asarray(np.random.default_rng(0).integers(3, 240, (2, 24)), jnp.int32)
-  full, cache = model.apply(model.params, x, None, return_kv=True)
+  full, cache = model.apply(model.params, x, None, fill_cache=True)
   cfg = model.model_cfg
   assert cache.k.shape == cache.v.shape == (cfg.num_layers, 2, cfg.num_kv_heads or cfg.num_heads,
                                             24, cfg.hd)
-  win = model.apply(model.params, x[:, 8:16], None, kv_cache=cache, cache_start=jnp.int32(8))
+  win, same = model.apply(model.params, x[:, 8:16], None, cache=cache, cache_start=jnp.int32(8))
+  assert same is cache  # a window pass hands the cache back as given
   np.testing.assert_allclose(win, full[:, 8:16], atol=1e-4, rtol=0)
   am = jnp.asarray([[1] * 24, [0] * 5 + [1] * 19], jnp.int32)  # row 1 left-padded by 5
-  full, cache = model.apply(model.params, x, None, attention_mask=am, return_kv=True)
-  win = model.apply(model.params, x[:, 8:16], None, kv_cache=cache, cache_start=jnp.int32(8),
-                    attention_mask=am)
+  full, cache = model.apply(model.params, x, None, attention_mask=am, fill_cache=True)
+  win, _ = model.apply(model.params, x[:, 8:16], None, cache=cache, cache_start=jnp.int32(8),
+                       attention_mask=am)
   np.testing.assert_allclose(win, full[:, 8:16], atol=1e-4, rtol=0)
 
 

@@ -16,7 +16,17 @@ CFG = transformer.ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads
 @pytest.fixture(scope="module")
 def model():
   graphdef, state = nnx.split(transformer.init_model(CFG, 0))
-  return jax.jit(transformer.apply_fn(graphdef)), nnx.to_pure_dict(state), state
+  return _logits_of(transformer.apply_fn(graphdef)), nnx.to_pure_dict(state), state
+
+
+def _logits_of(apply):
+  """The contract's apply -> (logits, cache); these tests look at the logits (no cache asked:
+  the cache that comes back is None)."""
+  def logits(*args, **kw):
+    out, cache = apply(*args, **kw)
+    assert cache is None
+    return out
+  return jax.jit(logits)
 
 
 def test_every_parameter_has_logical_names(model):
@@ -68,7 +78,7 @@ def test_adaln_zero_starts_time_independent_then_conditions():
   cfg = transformer.ModelConfig(vocab_size=11, d_model=32, num_layers=2, num_heads=2,
                                 time_conditioning=True)
   graphdef, state = nnx.split(transformer.init_model(cfg, 1))
-  apply = jax.jit(transformer.apply_fn(graphdef))
+  apply = _logits_of(transformer.apply_fn(graphdef))
   params = nnx.to_pure_dict(state)
   x = jnp.array([[1, 2, 3, 4]], jnp.int32)
   np.testing.assert_allclose(apply(params, x, jnp.array([0.1])), apply(params, x, jnp.array([0.9])),
@@ -84,8 +94,8 @@ def test_bfloat16_compute_close_to_float32():
   g32, s32 = nnx.split(transformer.init_model(cfg32, 0))
   g16, s16 = nnx.split(transformer.init_model(cfg16, 0))
   x = jnp.arange(8, dtype=jnp.int32)[None]
-  a = transformer.apply_fn(g32)(nnx.to_pure_dict(s32), x)
-  b = transformer.apply_fn(g16)(nnx.to_pure_dict(s16), x)
+  a = transformer.apply_fn(g32)(nnx.to_pure_dict(s32), x)[0]
+  b = transformer.apply_fn(g16)(nnx.to_pure_dict(s16), x)[0]
   assert b.dtype == jnp.float32  # logits are always float32
   assert float(jnp.max(jnp.abs(a - b))) < 0.1 * float(jnp.std(a)) + 0.1
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.to_pure_dict(s16)))
@@ -97,7 +107,7 @@ def test_remat_gives_same_gradients():
   gr, _ = nnx.split(transformer.init_model(cfg_r, 0))
   params = nnx.to_pure_dict(s)
   x = jnp.arange(8, dtype=jnp.int32)[None]
-  loss = lambda apply: lambda p: jnp.sum(apply(p, x) ** 2)
+  loss = lambda apply: lambda p: jnp.sum(apply(p, x)[0] ** 2)
   a = jax.grad(loss(transformer.apply_fn(g)))(params)
   b = jax.grad(loss(transformer.apply_fn(gr)))(params)
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -309,7 +309,7 @@ def test_loss_registry(tmp_path, monkeypatch):
 def test_loss_metrics_and_config_errors():
   x0, *_ = random_inputs(MASKED, seed=15)
   params = jnp.zeros((V,))
-  model = lambda p, x, t: jnp.broadcast_to(p, x.shape + (V,))
+  model = lambda p, x, t, **kw: (jnp.broadcast_to(p, x.shape + (V,)), None)  # -> (logits, cache)
   batch = {"tokens": x0, "loss_mask": jnp.ones(x0.shape, bool).at[:, 0].set(False)}
   loss, metrics = jax.jit(lambda p, b, r: losses.nelbo_loss(
       p, b, r, model=model, process=MASKED,

@@ -70,7 +70,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], t: jax.Array, rng: jax.A
   x0 = batch["tokens"]
   loss_mask = batch["loss_mask"]
   x_t = process.corrupt(rng, x0, t)
-  logits = model(params, x_t, t, **losses.denoiser_kwargs(batch))
+  logits, _ = model(params, x_t, t, **losses.denoiser_kwargs(batch))
   nelbo = process.nelbo(logits, x0, x_t, t, loss_mask=loss_mask)  # [B]
   return {"nelbo_sum": jnp.sum(nelbo), "num_tokens": jnp.sum(loss_mask)}
 

@@ -3,8 +3,8 @@
 A cache holds every layer's keys and values *before RoPE* (as Fast-dLLM caches
 them), stacked on the layer axis and heads-major: k, v [layers, B, kv_heads, L, head_dim]
 (a window pass attends without transposing them).  A
-full forward with ``return_kv=True`` fills it.  A forward over a window of W
-tokens at positions [start, start + W) (``kv_cache=cache, cache_start=start``)
+full forward with ``fill_cache=True`` fills it.  A forward over a window of W
+tokens at positions [start, start + W) (``cache=cache, cache_start=start``)
 computes fresh keys/values for the window only, writes them over the cached
 ones there, and attends from the window's queries (at their absolute RoPE
 positions) to all L positions: Fast-dLLM's dual cache.  Keys outside the

@@ -34,7 +34,7 @@ class DiffusionLM:
   params: Any
   ids: dict[str, int | None]
   tokenizer: Any
-  apply: Any  # the pure apply(params, x_t, t, **kw) -> logits
+  apply: Any  # the pure denoiser apply(params, x_t, t, **kw) -> (logits, cache)
   process: Any = None  # the corruption process (dlm.processes) the model was trained with
   step: int = 0  # the checkpoint step loaded (0 for an imported model)
   weights: str = "params"  # or "ema_params": which of the checkpoint's weights were loaded
@@ -111,7 +111,7 @@ class DiffusionLM:
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     if mask is not None and mask.shape != ids.shape:
       raise UserError(f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
-    return np.asarray(self._apply(self.params, ids, None, attention_mask=mask, raw_logits=True))
+    return np.asarray(self._apply(self.params, ids, None, attention_mask=mask, raw_logits=True)[0])
 
   def generate(self, prompt_ids: Any, attention_mask: Any = None, *, sampler: str | None = None,
                seed: int = 0, **knobs: Any) -> Any:

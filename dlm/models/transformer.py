@@ -4,7 +4,8 @@ Pre-norm blocks (RMSNorm -> attention with RoPE -> SwiGLU), layers stacked on a
 leading ``layers`` axis and run under ``nnx.scan``; with time conditioning each
 block is modulated by adaLN-Zero (Peebles & Xie 2023).  The embedding table
 includes the mask token.  ``apply_fn(graphdef)`` gives the pure
-``apply(params, x_t, t) -> logits`` that processes, losses and samplers use.
+``apply(params, x_t, t, *, attention_mask=None, segment_ids=None, positions=None,
+cache=None) -> (logits, cache)`` that losses, evaluation and samplers all call.
 """
 
 from __future__ import annotations
@@ -158,25 +159,28 @@ class Transformer(nnx.Module):
                  layers.param(rngs, jax.nn.initializers.normal(cfg.d_model ** -0.5), head_shape,
                               head_names))
 
-  def __call__(self, x_t: Array, t: Array | None = None, *, segment_ids: Array | None = None,
-               attention_mask: Array | None = None, positions: Array | None = None,
-               raw_logits: bool = False, kv_cache: cache_lib.KVCache | None = None,
-               cache_start: Array | None = None, return_kv: bool = False) -> Any:
-    """x_t: int [B, L]; t: float [B]; segment_ids / attention_mask: [B, L] -> logits f32 [B, L, V].
+  def __call__(self, x_t: Array, t: Array | None = None, *, attention_mask: Array | None = None,
+               segment_ids: Array | None = None, positions: Array | None = None,
+               cache: cache_lib.KVCache | None = None, cache_start: Array | None = None,
+               fill_cache: bool = False, raw_logits: bool = False
+               ) -> tuple[Array, cache_lib.KVCache | None]:
+    """The denoiser contract: x_t int [B, L], t float [B] or None -> (logits f32 [B, L, V], cache).
 
     Logits at position i are the denoiser's prediction of token i; with
     ``shift_logits`` that is the network's output i-1 (position 0 keeps its own),
     and ``raw_logits=True`` returns the unshifted output (what the public code returns).
-    attention_mask (1 = real token) masks keys; left-padded rows get positions
-    per ``pad_positions``; with ``kv_cache`` it is the mask of all L cached keys.  KV cache (see cache.py): ``return_kv=True`` also
-    returns this pass's KVCache; with ``kv_cache`` and ``cache_start``, x_t is
-    the window of tokens at [cache_start, cache_start + W) of the cached sequence.
+    ``attention_mask`` (1 = real token) masks keys; left-padded rows get positions
+    per ``pad_positions``; with ``cache`` it is the mask of all L cached keys.
+    ``segment_ids`` / ``positions`` [B, L]: packed rows.  KV cache (see cache.py):
+    ``fill_cache=True`` returns this pass's KVCache; with ``cache`` and ``cache_start``,
+    x_t is the window of tokens at [cache_start, cache_start + W) of the cached
+    sequence, and the cache comes back as given.  Otherwise the cache returned is None.
     """
     cfg = self.cfg
     chex.assert_rank(x_t, 2)
     b, l = x_t.shape
     if (positions is None and attention_mask is not None and cfg.pad_positions == "cumsum"
-        and kv_cache is None):
+        and cache is None):
       real = attention_mask.astype(jnp.int32)
       positions = jnp.where(real > 0, jnp.cumsum(real, axis=-1) - 1, 1)
     rotations = None
@@ -184,15 +188,15 @@ class Transformer(nnx.Module):
       offset = 0 if cache_start is None else cache_start
       positions = jnp.broadcast_to(offset + jnp.arange(l, dtype=jnp.int32), (b, l))
       if self.decode:  # RoPE tables as constants (layers.rotation_table)
-        k_rot = layers.rotation_table(l if kv_cache is None else kv_cache.length, cfg.hd,
+        k_rot = layers.rotation_table(l if cache is None else cache.length, cfg.hd,
                                       cfg.rope_theta)
-        q_rot = k_rot if kv_cache is None else tuple(
+        q_rot = k_rot if cache is None else tuple(
             jax.lax.dynamic_slice_in_dim(a, offset, l, axis=1) for a in k_rot)
         rotations = tuple(tuple(jnp.broadcast_to(a, (b, *a.shape[1:])) for a in r)
                           for r in (q_rot, k_rot))
     mask = (segment_ids, attention_mask)
-    if kv_cache is not None and (segment_ids is not None or cfg.mask_kind != "bidirectional"
-                                 or (attention_mask is not None and cfg.pad_positions != "index")):
+    if cache is not None and (segment_ids is not None or cfg.mask_kind != "bidirectional"
+                              or (attention_mask is not None and cfg.pad_positions != "index")):
       raise ValueError("a KV-cached window pass takes no segment_ids, and needs"
                        " model.mask_kind='bidirectional' and, with an attention_mask (all L"
                        " cached keys'), pad_positions='index'")
@@ -210,18 +214,18 @@ class Transformer(nnx.Module):
     if self.decode:
       ks, vs = [], []
       for i, block in enumerate(self.blocks):
-        kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], cache_start)
+        kv = None if cache is None else (cache.k[i], cache.v[i], cache_start)
         x, k, v = block(x, positions, mask, c, kv, rotations)
         ks.append(k)
         vs.append(v)
-      new_cache = cache_lib.KVCache(k=jnp.stack(ks), v=jnp.stack(vs)) if return_kv else None
-    elif kv_cache is not None or return_kv:
+      new_cache = cache_lib.KVCache(k=jnp.stack(ks), v=jnp.stack(vs))
+    elif cache is not None or fill_cache:
       def body_kv(block: Block, h: Array, layer_kv: Any) -> tuple[Array, tuple[Array, Array]]:
         kv = None if layer_kv is None else (layer_kv[0], layer_kv[1], cache_start)
         h, k, v = block(h, positions, mask, c, kv)
         return h, (k, v)
 
-      xs = None if kv_cache is None else (kv_cache.k, kv_cache.v)
+      xs = None if cache is None else (cache.k, cache.v)
       x, (ks, vs) = nnx.scan(body_kv, in_axes=(0, nnx.Carry, 0),
                              out_axes=(nnx.Carry, 0))(self.blocks, x, xs)
       new_cache = cache_lib.KVCache(k=ks, v=vs)
@@ -248,7 +252,7 @@ class Transformer(nnx.Module):
       logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     chex.assert_shape(logits, (b, l, cfg.vocab_size))
-    return (logits, new_cache) if return_kv else logits
+    return logits, (new_cache if fill_cache else cache)
 
 
 def init_model(cfg: ModelConfig, seed: int) -> Transformer:
@@ -260,10 +264,12 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(nnx.eval_shape(lambda: init_model(cfg, 0)))
 
 
-def apply_fn(graphdef: nnx.GraphDef) -> Callable[..., Array]:
-  """The pure denoiser ``apply(params, x_t, t, **kw) -> logits`` of a split model."""
+def apply_fn(graphdef: nnx.GraphDef) -> Callable[..., tuple[Array, Any]]:
+  """The pure denoiser ``apply(params, x_t, t, **kw) -> (logits, cache)`` of a split model
+  (``Transformer.__call__``'s keywords)."""
 
-  def apply(params: nnx.State, x_t: Array, t: Array | None = None, **kw: Any) -> Array:
+  def apply(params: nnx.State, x_t: Array, t: Array | None = None,
+            **kw: Any) -> tuple[Array, Any]:
     return nnx.merge(graphdef, params)(x_t, t, **kw)
 
   return apply

@@ -2,10 +2,11 @@
 
 The contract (``make(denoiser, process, **knobs) -> Sampler``):
 
-* ``denoiser`` is a ``Denoiser``: the network with its weights bound, called as
-  ``denoiser(x_t, t, attention_mask=None, cache=None, cache_start=None,
-  fill_cache=False) -> (logits [B, W, V] float32, cache)``, plus the model's
-  special ids.  ``t`` may be None for models without time conditioning.
+* ``denoiser`` is a ``Denoiser``: the network with its weights bound, called with
+  the one denoiser contract of training and sampling, ``denoiser(x_t, t,
+  attention_mask=None, segment_ids=None, positions=None, cache=None,
+  cache_start=None, fill_cache=False) -> (logits [B, W, V] float32, cache)``, plus
+  the model's special ids.  ``t`` may be None for models without time conditioning.
 * ``process`` is the model's forward process (``dlm.processes``).
 * ``Sampler(init, step, done)``: ``init(rng, given, fixed, attention_mask)``
   builds a ``State``; ``step`` makes one or more denoiser calls; ``done`` says
@@ -23,6 +24,7 @@ the model per sampler, knobs and shapes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import chex
@@ -73,35 +75,24 @@ class Denoiser:
   eot_id: int | None = None
   shifted: bool = False  # logits at i come from output i-1 (Dream): no KV-cached window passes
 
-  def __call__(self, x_t: Array, t: Array | None = None, *, attention_mask: Array | None = None,
-               cache: Any = None, cache_start: Array | None = None,
-               fill_cache: bool = False) -> tuple[Array, Any]:
-    return self.fn(x_t, t, attention_mask=attention_mask, cache=cache, cache_start=cache_start,
-                   fill_cache=fill_cache)
+  def __call__(self, x_t: Array, t: Array | None = None, **kw: Any) -> tuple[Array, Any]:
+    """The denoiser contract (``Transformer.__call__``): keywords attention_mask, segment_ids,
+    positions, cache, cache_start, fill_cache -> (logits, cache)."""
+    return self.fn(x_t, t, **kw)
 
 
 def denoiser_of_apply(apply: Callable[..., Any], params: Any, **ids: Any) -> Denoiser:
-  """A ``Denoiser`` over our Transformer's ``apply(params, x_t, t, **kw)``."""
-
-  def fn(x_t, t, *, attention_mask=None, cache=None, cache_start=None, fill_cache=False):
-    kw: dict[str, Any] = {}
-    if attention_mask is not None:
-      kw["attention_mask"] = attention_mask
-    if cache is not None:
-      kw.update(kv_cache=cache, cache_start=cache_start)
-    if fill_cache:
-      return apply(params, x_t, t, return_kv=True, **kw)
-    return apply(params, x_t, t, **kw), cache
-
-  return Denoiser(fn=fn, **ids)
+  """A ``Denoiser`` over ``apply(params, x_t, t, **kw) -> (logits, cache)`` with ``params`` bound."""
+  return Denoiser(fn=functools.partial(apply, params), **ids)
 
 
 def denoiser_of_logits(logits_fn: Callable[[Array, Array], Array], *, mask_id: int,
                        vocab_size: int, uses_t: bool = True) -> Denoiser:
   """A ``Denoiser`` over a plain ``logits_fn(x_t, t)`` (exact test denoisers, research code)."""
 
-  def fn(x_t, t, *, attention_mask=None, cache=None, cache_start=None, fill_cache=False):
-    if attention_mask is not None or cache is not None or fill_cache:
+  def fn(x_t, t, *, attention_mask=None, cache=None, fill_cache=False, **kw):
+    if attention_mask is not None or cache is not None or fill_cache or any(
+        v is not None for v in kw.values()):
       raise UserError("this denoiser is a plain logits_fn(x_t, t): it takes no attention_mask"
                       " or KV cache; use a sampler without padding or caching")
     return logits_fn(x_t, t), None
