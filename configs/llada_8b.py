@@ -38,4 +38,12 @@ def get_config(arg: str | None = None):
   c.train.microbatches = 20
   c.train.steps = 500_000
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  # sampling as LLaDA's evaluations do: 512 new tokens after a prompt, one token per call
+  # (`dlm sample` reads sampler, length, steps, num_samples; prompt_length sizes the
+  # prompt `dlm compile --what=sample` compiles for)
+  c.sample.sampler = "llada"
+  c.sample.length = 1024
+  c.sample.prompt_length = 512
+  c.sample.steps = 512
+  c.sample.num_samples = 8
   return c

@@ -70,6 +70,27 @@ def test_pod_recipe_compiles_and_fits_its_slice(name):
 
 
 @needs_libtpu
+@pytest.mark.parametrize("topo,fsdp,tensor", [("v5e-8", -1, 1), ("v5e-8", 1, 8), ("v5p-8", -1, 1)])
+def test_llada_8b_sampler_loop_compiles_for_a_small_slice(topo, fsdp, tensor):
+  """The whole LLaDA sampler loop of LLaDA-8B (512 calls), sharded as `dlm sample` shards it:
+  bfloat16 weights split over the slice (not replicated), prompts over `data`."""
+  _, config = _recipe("llada_8b")
+  config.mesh.fsdp, config.mesh.tensor = fsdp, tensor
+  r = report.compile_report(config, topo, what="sample")
+  devices = topology.parse(topo).num_chips
+  assert r["what"] == "sample" and r["sampler"] == "llada" and r["fits"], (
+      report.format_report(r))
+  assert r["knobs"]["steps"] == 512 and r["gen_length"] == 512 and r["param_dtype"] == "bfloat16"
+  weights = 2 * r["params"]
+  assert weights / devices <= r["argument_bytes"] < 1.05 * weights / devices + 2**24
+  assert r["temp_bytes"] > 0 and sum(r["collectives"].values()) > 0
+  # a [batch, length, vocab] float32 logits buffer per call: split over `tensor` when it is 8
+  logits = 4 * r["batch"] * r["seq_len"] * 126_464
+  assert (r["temp_bytes"] > logits) == (tensor == 1)
+  assert "sampler llada (steps=512" in report.format_report(r)
+
+
+@needs_libtpu
 def test_a_recipe_that_does_not_fit_is_reported_as_not_fitting():
   """The quickstart with a 32k vocabulary and 8,192-row batches: > 16 GiB of logits per v5e chip."""
   _, config = _recipe("quickstart")

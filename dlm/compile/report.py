@@ -41,7 +41,7 @@ def _model(config: ml_collections.ConfigDict) -> tuple[transformer.ModelConfig, 
   model_cfg = transformer.ModelConfig.from_config(config.model, vocab_size=vocab)
   # The mask id is a constant of the program: it changes no shape, byte or FLOP.
   process = processes.make_process(config.process, vocab_size=vocab,
-                                   mask_id=tokenizer_lib.NUM_SPECIAL - 1)
+                                   mask_id=tokenizer_lib.MASK_ID)
   return model_cfg, process
 
 
@@ -88,44 +88,49 @@ def lower_train(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
 
 
 def lower_sample(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
-  """(lowered LLaDA sampler, figures): the whole jitted loop; each step is one model call."""
+  """(lowered sampler, figures): the whole jitted loop of ``config.sample.sampler`` (default
+  ``llada``) exactly as ``dlm sample`` runs it over a mesh (``engine.program`` on a model
+  placed by ``loader.sampling_shardings``: prompts over ``data``, parameters over ``fsdp`` and
+  ``tensor``), its weights in the compute dtype; each step is one model call."""
+  del rules  # sampling has its own: the training rules with prompts over `data` only
+  from dlm.models import loader
   from dlm.sample import engine
-  model_cfg, _ = _model(config)
+  model_cfg, process = _model(config)
   sc = config.sample
+  name = sc.get("sampler") or "llada"
+  make = engine.resolve(name)
   l = int(sc.get("length", 0) or config.data.seq_len)
   prompt_len = int(sc.get("prompt_length", 0) or l // 4)
   gen = l - prompt_len
   steps = int(sc.steps)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  b = math.ceil(int(sc.num_samples) / shards) * shards  # rows split over the data axes
-  graphdef, abstract_params, specs = transformer.param_logical_specs(model_cfg)
-  param_sh = parallel.tree_shardings(specs, mesh, rules)
-  params = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), abstract_params, param_sh)
-  apply = transformer.apply_fn(graphdef)
-
-  mask_id = tokenizer_lib.NUM_SPECIAL - 1
-  make = engine.resolve("llada")
-  knobs = engine.check_knobs("llada", make, dict(steps=steps, gen_length=gen, block_length=gen))
-
-  def fn(params: Any, prompt: jax.Array, rng: jax.Array) -> jax.Array:
-    denoiser = engine.denoiser_of_apply(apply, params, mask_id=mask_id,
-                                        vocab_size=model_cfg.vocab_size)
-    given = jnp.concatenate([prompt, jnp.full((prompt.shape[0], gen), mask_id, jnp.int32)], 1)
-    fixed = jnp.arange(l)[None, :] < prompt_len
-    fixed = jnp.broadcast_to(fixed, given.shape)
-    return engine.run(make(denoiser, None, **knobs), rng, given, fixed).x
-
-  row = parallel.batch_sharding(mesh, rules)
-  jitted = jax.jit(parallel.traced_in_mesh(fn, mesh, rules),
-                   in_shardings=(param_sh, row, NamedSharding(mesh, P())), out_shardings=row)
-  prompt = _abstract((b, prompt_len), jnp.int32, row)
+  knobs = {"steps": steps} if "steps" in make.knobs else {}
+  if make.length is not None:
+    knobs[make.length] = gen
+  full = engine.check_knobs(name, make, knobs)
+  data = mesh.shape["data"]
+  b = math.ceil(int(sc.num_samples) / data) * data  # rows split over `data`
+  sampling_rules, param_sh = loader.sampling_shardings(model_cfg, config, mesh)
+  graphdef, abstract_params, _ = transformer.param_logical_specs(model_cfg)
+  params = jax.tree.map(lambda a, s: _abstract(a.shape, model_cfg.compute_dtype, s),
+                        abstract_params, param_sh)
+  ids = {"mask": tokenizer_lib.MASK_ID, "eos": tokenizer_lib.EOS_ID, "pad": tokenizer_lib.PAD_ID}
+  model = loader.DiffusionLM(config=config, model_cfg=model_cfg, params=params, ids=ids,
+                             tokenizer=None, apply=transformer.apply_fn(graphdef),
+                             process=process, mesh=mesh, rules=sampling_rules,
+                             decode_layout=False)
+  fn = engine.program(model, name, make, full, batch=b, padded=False)
+  row = NamedSharding(mesh, P("data", None))
+  given = _abstract((b, l), jnp.int32, row)
+  fixed = _abstract((b, l), jnp.bool_, row)
   rng = jax.eval_shape(lambda: jax.random.key(0))
   n = transformer.count_params(abstract_params)
   figures = {"params": n, "batch": b, "seq_len": l, "prompt_length": prompt_len,
-             "gen_length": gen, "steps": steps, "tokens_per_step": b * gen / steps,
+             "gen_length": gen, "steps": steps, "sampler": name, "knobs": full,
+             "param_dtype": str(jnp.dtype(model_cfg.compute_dtype)),
+             "tokens_per_step": b * gen / steps,
              "model_flops_per_step": forward_flops(model_cfg, n, b, l)}
-  figures["input_bytes"] = parallel.bytes_per_device((params, prompt))
-  return jitted.lower(params, prompt, rng), figures
+  figures["input_bytes"] = parallel.bytes_per_device((params, given, fixed))
+  return fn.lower(params, rng, given, fixed, None), figures
 
 
 def compile_report(config: ml_collections.ConfigDict, topology_name: str, *, what: str = "train",
@@ -193,6 +198,9 @@ def format_report(r: dict[str, Any]) -> str:
       f"{r['what']} step of a {r['params'] / 1e6:.1f}M-parameter model on {r['slice']}"
       f" ({r['topology']}, {r['devices']} x {r['device_kind']}), mesh {r['mesh']}",
       f"  batch {r['batch']} x {r['seq_len']} tokens; compiled in {r['compile_seconds']} s",
+      *([f"  sampler {r['sampler']} ({', '.join(f'{k}={v!r}' for k, v in r['knobs'].items())}),"
+         f" prompt {r['prompt_length']} + {r['gen_length']} generated; weights"
+         f" {r['param_dtype']}"] if r["what"] == "sample" else []),
       "  per device:",
       f"    arguments   {gib(r['argument_bytes'])}",
       f"    outputs     {gib(r['output_bytes'])} ({gib(r['alias_bytes'])} of them donated inputs)",

@@ -157,26 +157,29 @@ def _sampling_rules(config: Any) -> tuple[tuple[str, Any], ...]:
   return tuple((k, "data") if k == "batch" else (k, v) for k, v in rules)
 
 
-def shard(model: DiffusionLM, mesh: Any, *, devices: Any = None) -> DiffusionLM:
-  """``model`` with its parameters placed over ``mesh`` by the same logical-axis rules as
-  training; its samplers then run jitted with explicit shardings over that mesh.
-
-  ``mesh``: a ``jax.sharding.Mesh`` with axes (data, fsdp, tensor), or some of their sizes
-  (``{"fsdp": 4, "tensor": 2}``; an axis left out is 1, and ``data`` takes the rest of
-  ``devices`` (default all) unless a size is -1).
-  """
+def sampling_mesh(mesh: Any, devices: Any = None) -> Any:
+  """A ``Mesh``, or one made of axis sizes (``{"fsdp": 4, "tensor": 2}``: an axis left out is
+  1, and ``data`` takes the rest of ``devices`` (default all) unless a size is -1)."""
   from jax.sharding import Mesh
   from dlm import parallel
-  if not isinstance(mesh, Mesh):
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1, **dict(mesh)}
-    if -1 not in sizes.values() and "data" not in dict(mesh):
-      sizes["data"] = -1  # the rest of the devices take prompts
-    try:
-      mesh = parallel.make_mesh(sizes, devices)
-    except ValueError as e:
-      raise UserError(f"{e} (sampling mesh {sizes})") from None
-  rules = _sampling_rules(model.config)
-  _, abstract, specs = transformer.param_logical_specs(model.model_cfg)
+  if isinstance(mesh, Mesh):
+    return mesh
+  sizes = {"data": 1, "fsdp": 1, "tensor": 1, **dict(mesh)}
+  if -1 not in sizes.values() and "data" not in dict(mesh):
+    sizes["data"] = -1  # the rest of the devices take prompts
+  try:
+    return parallel.make_mesh(sizes, devices)
+  except ValueError as e:
+    raise UserError(f"{e} (sampling mesh {sizes})") from None
+
+
+def sampling_shardings(model_cfg: transformer.ModelConfig, config: Any, mesh: Any
+                       ) -> tuple[Any, Any]:
+  """(rules, parameter NamedShardings) of a model sampled over ``mesh``: the training rules
+  with prompts over ``data``; a mesh that does not divide a parameter is one line."""
+  from dlm import parallel
+  rules = _sampling_rules(config)
+  _, abstract, specs = transformer.param_logical_specs(model_cfg)
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
   spec_of = dict(jax.tree_util.tree_flatten_with_path(
       specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
@@ -190,10 +193,21 @@ def shard(model: DiffusionLM, mesh: Any, *, devices: Any = None) -> DiffusionLM:
         raise UserError(
             f"the mesh {dict(mesh.shape)} does not divide the model: {where} has {dim}"
             f" {logical} over {'x'.join(names)}={n}; pick sizes that divide the heads"
-            f" ({model.model_cfg.num_heads}, {model.model_cfg.num_kv_heads or model.model_cfg.num_heads}"
-            f" key/value), MLP ({model.model_cfg.mlp}), width ({model.model_cfg.d_model}) and"
-            f" vocabulary ({model.model_cfg.vocab_size})")
-  shardings = parallel.tree_shardings(specs, mesh, rules)
+            f" ({model_cfg.num_heads}, {model_cfg.num_kv_heads or model_cfg.num_heads}"
+            f" key/value), MLP ({model_cfg.mlp}), width ({model_cfg.d_model}) and"
+            f" vocabulary ({model_cfg.vocab_size})")
+  return rules, parallel.tree_shardings(specs, mesh, rules)
+
+
+def shard(model: DiffusionLM, mesh: Any, *, devices: Any = None) -> DiffusionLM:
+  """``model`` with its parameters placed over ``mesh`` by the same logical-axis rules as
+  training; its samplers then run jitted with explicit shardings over that mesh.
+
+  ``mesh``: a ``jax.sharding.Mesh`` with axes (data, fsdp, tensor), or some of their sizes
+  (``sampling_mesh``).
+  """
+  mesh = sampling_mesh(mesh, devices)
+  rules, shardings = sampling_shardings(model.model_cfg, model.config, mesh)
   params = jax.device_put(model.params, shardings)
   return dataclasses.replace(model, params=params, mesh=mesh, rules=rules, decode_layout=False)
 

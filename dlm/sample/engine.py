@@ -238,14 +238,36 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
     elif not make.pads:
       raise UserError(f"sampler {name!r} takes prompts of one length (no padding); use"
                       " sampler='llada' or 'dream', or one prompt at a time")
+  fn = program(model, name, make, full, batch=given.shape[0], padded=am is not None)
+  key = jax.random.key(seed) if rng is None else rng
+  x, nfe, committed_at = fn(model.sampling_params(), key, jnp.asarray(given),
+                            jnp.asarray(fixed), None if am is None else jnp.asarray(am))
+  seqs = np.asarray(x)
+  tok = getattr(model, "tokenizer", None)
+  gen = _generated(seqs, fixed, model.ids.get("eos") if tok is None else tok.eos_id)
+  return Output(sequences=seqs, nfe=int(nfe), committed_at=np.asarray(committed_at),
+                token_ids=gen, texts=None if tok is None else [tok.decode(g) for g in gen])
+
+
+def program(model: Any, name: str, make: Callable[..., Sampler], full: dict[str, Any], *,
+            batch: int, padded: bool) -> Any:
+  """The jitted sampler loop of a loaded model, made once per sampler, knobs and ids:
+  ``fn(params, key, given, fixed, attention_mask) -> (x, nfe, committed_at)``.
+
+  On a mesh (``loader.shard``) the shardings are explicit both ways: prompts and outputs
+  over ``data``, parameters as placed (``fsdp``, ``tensor``), the key and nfe replicated.
+  Only the sequences leave the loop (a sampler's KV cache and confidences stay inside).
+  ``dlm compile --what=sample`` lowers this same function with abstract inputs.
+  """
   prepare, apply = model.sampling
   process = _process(model)
   ids = _ids(model)
 
-  def build() -> Callable[..., State]:
-    def fn(params: Any, key: Array, g: Array, f: Array, a: Array | None) -> State:
+  def build() -> Callable[..., tuple[Array, Array, Array]]:
+    def fn(params: Any, key: Array, g: Array, f: Array, a: Array | None):
       params = prepare(params)
-      return run(make(denoiser_of_apply(apply, params, **ids), process, **full), key, g, f, a)
+      final = run(make(denoiser_of_apply(apply, params, **ids), process, **full), key, g, f, a)
+      return final.x, final.nfe, final.committed_at
     return fn
 
   # params are an argument, not a closure: no weight constants baked into the program
@@ -255,21 +277,14 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
   if mesh is not None:  # prompts over `data`, parameters as placed (fsdp, tensor)
     from jax.sharding import NamedSharding, PartitionSpec as P
     data = mesh.shape["data"]
-    if given.shape[0] % data:
-      raise UserError(f"a batch of {given.shape[0]} rows does not divide over the mesh's"
+    if batch % data:
+      raise UserError(f"a batch of {batch} rows does not divide over the mesh's"
                       f" data={data}; give a multiple of {data} rows or a smaller mesh data size")
     row, one = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P())
-    jit_kw = dict(in_shardings=(model.param_shardings, one, row, row,
-                                None if am is None else row))
-  fn = model.jitted(name, dict(full, _ids=tuple(sorted(ids.items()))), build, **jit_kw)
-  key = jax.random.key(seed) if rng is None else rng
-  final = fn(model.sampling_params(), key, jnp.asarray(given), jnp.asarray(fixed),
-             None if am is None else jnp.asarray(am))
-  seqs = np.asarray(final.x)
-  tok = getattr(model, "tokenizer", None)
-  gen = _generated(seqs, fixed, model.ids.get("eos") if tok is None else tok.eos_id)
-  return Output(sequences=seqs, nfe=int(final.nfe), committed_at=np.asarray(final.committed_at),
-                token_ids=gen, texts=None if tok is None else [tok.decode(g) for g in gen])
+    jit_kw = dict(in_shardings=(model.param_shardings, one, row, row, row if padded else None),
+                  out_shardings=(row, one, row))
+  key = dict(full, _ids=tuple(sorted(ids.items())), _padded=padded and mesh is not None)
+  return model.jitted(name, key, build, **jit_kw)
 
 
 def _generated(seqs: np.ndarray, fixed: np.ndarray, eos_id: int | None) -> list[list[int]]:
