@@ -20,6 +20,15 @@ Compile report (2026-12-01, libtpu 0.0.42.1): 8.02B parameters; per chip 1.40 Gi
 arguments + 7.36 GiB temporaries = 8.8 GiB of 95 GiB HBM (9.3%, fits with the 10% margin);
 projected at 40% MFU 22.9 s per step, 228k tokens/s.  tests/test_compile.py compiles it
 for v5p-128 and fails if it stops fitting.
+
+Its sampler loop (config.sample: llada, 512 calls, 8 prompts x 1024 tokens, bfloat16
+weights), per device (2026-12-03):
+
+  dlm compile --config=configs/llada_8b.py --topology=v5e-8 --what=sample \
+      [--config.mesh.fsdp=1 --config.mesh.tensor=8]
+
+v5e-8 fsdp=8: 1.87 + 6.29 = 8.16 GiB (51.0% of 16 GiB); v5e-8 tensor=8: 1.87 + 1.10 =
+2.97 GiB (18.6%); v5p-8 (4 chips) fsdp=4: 3.73 + 6.82 = 10.57 GiB (11.1% of 95 GiB).
 """
 
 from __future__ import annotations

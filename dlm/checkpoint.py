@@ -376,6 +376,54 @@ def _restore_params_step(mngr: ocp.CheckpointManager, step: int, key: str,
   return out["state"][key]
 
 
+def is_step_folder(path: str | os.PathLike) -> bool:
+  """One checkpoint directory (``WORKDIR/checkpoints/STEP``, or a copy of it anywhere)."""
+  path = pathlib.Path(path)
+  return (path / "state").is_dir() and (path / "meta" / "metadata").is_file()
+
+
+def read_step_meta(step_dir: str | os.PathLike, *, trust_config_code: bool = False
+                   ) -> dict[str, Any]:
+  """The ``meta`` item (config, tokenizer) of a step folder read on its own, after its files
+  were checked against their digests; the config is data (``module:attr`` refused unless
+  trusted), as a workdir's ``config.json`` is."""
+  step_dir = pathlib.Path(step_dir)
+  try:
+    if not verify(step_dir):
+      _warn(f"{step_dir} has no {DIGEST_FILE}; reading it unverified")
+  except (CorruptCheckpoint, OSError) as e:
+    raise UserError(f"checkpoint {step_dir} is unreadable ({e}); copy the whole step folder"
+                    " again") from None
+  path = step_dir / "meta" / "metadata"
+  meta = jsonfile.read_object(path, fix="copy the whole step folder again")
+  config = meta.get("config")
+  if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+    raise UserError(f"{path} holds no dlm config (no 'model' section); give a dlm workdir or"
+                    " one of its checkpoints/STEP folders")
+  registry.check_untrusted(config, str(path), trust=trust_config_code)
+  return meta
+
+
+def restore_step_folder(step_dir: str | os.PathLike, abstract_params: Any, *, ema: bool = False
+                        ) -> tuple[int, Any]:
+  """(step, parameters or their EMA) of a step folder read on its own (``read_step_meta``
+  first: it checks the digests)."""
+  step_dir = pathlib.Path(step_dir).absolute()
+  key = "ema_params" if ema else "params"
+  item = {key: abstract_params, "step": jax.ShapeDtypeStruct((), np.int32)}
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+    if out.get(key) is None:
+      raise ValueError(f"the state item has no {key}")
+  except Exception as e:  # noqa: BLE001  (truncated, garbled or missing files)
+    raise UserError(f"checkpoint {step_dir} is unreadable ({_reason(e)}); copy the whole step"
+                    " folder again") from None
+  return int(out["step"]), out[key]
+
+
 def _set_aside(workdir: pathlib.Path, step: int) -> str:
   """A reader moves an unreadable checkpoint aside as train does, unless a writer is at work."""
   from dlm import lock

@@ -51,6 +51,9 @@ def _define_sample_flags() -> None:
   flags.DEFINE_multi_string("knob", None, "NAME=VALUE: any knob of the sampler (JSON values).")
   flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate after --prompt (llada, dream,"
                        " fast_dllm; default: fill --length).")
+  flags.DEFINE_integer("prompt_bucket", 0, "With --max_new_tokens: left-pad prompts to a multiple"
+                       " of N tokens so prompt lengths share compiled programs (0: off; without"
+                       " --max_new_tokens every row is --length already).")
   flags.DEFINE_integer("block_length", None, "Semi-autoregressive block (llada, fast_dllm).")
   flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance (llada).")
   flags.DEFINE_enum("remasking", "low_confidence", ["low_confidence", "random"],
@@ -187,6 +190,8 @@ def cmd_sample() -> None:
                "top_k", "gap_length"):
     if f[name].value is not None:
       generate.check_count(f"--{name}", f[name].value, f"pass --{name}=1 or more, or leave it out")
+  if f.prompt_bucket < 0:
+    raise _usage(f"--prompt_bucket={f.prompt_bucket}: need 0 (off) or a bucket of N >= 1 tokens")
   inf = float("inf")
   for name, high, low_open in (("temperature", inf, False), ("top_p", 1.0, True),
                                ("cfg_scale", inf, False), ("threshold", 1.0, False)):
@@ -251,6 +256,11 @@ def cmd_sample() -> None:
     new = f.max_new_tokens if f.max_new_tokens is not None else length - width
     if new < 1:
       raise _usage(f"--prompt is {width} tokens, no room in --length={length}; raise --length")
+    if f.prompt_bucket and f.max_new_tokens is not None:  # rows of width + new: bucket width
+      if not make.pads:
+        raise _usage(f"sampler {name!r} takes prompts of one length (no padding): drop"
+                     " --prompt_bucket")
+      width = -(-width // f.prompt_bucket) * f.prompt_bucket
     if make.length is not None:
       knobs[make.length] = new
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id

@@ -102,7 +102,7 @@ def test_bad_inputs_get_one_line_errors(trained, tmp_path):
   assert (trained / "config.json").read_text() == cfg_before
 
 
-def test_from_pretrained_and_export_of_a_trained_run(trained, tmp_path):
+def test_from_pretrained_and_export_of_a_trained_run(trained, tmp_path, monkeypatch):
   import numpy as np
   import dlm
   from dlm.convert import workdir as convert_workdir
@@ -115,6 +115,19 @@ def test_from_pretrained_and_export_of_a_trained_run(trained, tmp_path):
   first = dlm.from_pretrained(trained / "checkpoints" / str(steps[0]))
   assert first.step == steps[0] and m.step == steps[-1] and first.process is not None
   assert first.process.mask_id == m.ids["mask"] == m.tokenizer.mask_id
+  # a step folder copied on its own: config and tokenizer come from its meta item
+  import shutil
+  from dlm.errors import UserError
+  alone = tmp_path / "alone"
+  shutil.copytree(trained / "checkpoints" / str(steps[0]), alone)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  copy = dlm.from_pretrained(alone)
+  assert copy.step == steps[0] and copy.tokenizer.encode("def x") == m.tokenizer.encode("def x")
+  np.testing.assert_array_equal(copy.logits(ids), first.logits(ids))
+  (alone / "meta" / "metadata").write_text("{}")  # no longer what was saved
+  with pytest.raises(UserError, match="does not match its sha256 digest") as e:
+    dlm.from_pretrained(alone)
+  assert "\n" not in str(e.value)
   out = convert_workdir.export(trained, tmp_path / "hf")  # a LLaDA-format folder
   again = dlm.from_pretrained(out)
   np.testing.assert_array_equal(again.logits(ids), logits)

@@ -120,6 +120,9 @@ def test_prompts_file_in_padded_batches_to_a_jsonl_output(folder, tmp_path):
   assert all(x["nfe"] == 4 and len(x["token_ids"]) <= 8 and x["seconds"] > 0 for x in records)
   alone = _dlm("sample", f"--hf={folder}", "--prompt=w21", "--num_samples=1", *knobs)
   assert alone.stdout.split("=====\n", 1)[1].strip() == ("w21 " + records[1]["text"]).strip()
+  bucketed = _dlm("sample", f"--hf={folder}", "--prompt=w21", "--num_samples=1",
+                  "--prompt_bucket=16", *knobs)  # left-padded to 16 tokens: the same greedy text
+  assert bucketed.returncode == 0 and bucketed.stdout == alone.stdout, bucketed.stderr
   before = out.read_bytes()
   again = _dlm("sample", f"--hf={folder}", f"--prompts={prompts}", f"--output={out}", *knobs)
   assert again.returncode == 1 and "exists; samples are never written over" in again.stderr
@@ -175,3 +178,28 @@ def test_a_change_of_the_model_ids_compiles_a_new_program(model):
     assert len(model.__dict__["_jitted"]) == before + 1
   finally:
     del model.ids["eot"]
+
+
+@pytest.mark.parametrize("sampler,knobs", [
+    ("llada", dict(steps=4, gen_length=8, block_length=4, temperature=0.0)),
+    ("fast_dllm", dict(steps=4, gen_length=8, block_length=4, use_cache="dual", threshold=0.9)),
+])
+def test_prompt_buckets_share_one_program_and_keep_greedy_tokens(model, sampler, knobs):
+  """prompt_bucket=8: prompts of 3 and 5 tokens run in one compiled loop, each row's tokens
+  those of the prompt run unbucketed."""
+  outs = []
+  for p in (np.array([[11, 12, 13]]), np.array([[21, 22, 23, 24, 25]])):
+    want = model.generate(p, sampler=sampler, **knobs)
+    got = model.generate(p, sampler=sampler, prompt_bucket=8, **knobs)
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_array_equal(got.committed_at, want.committed_at)
+    assert got.nfe == want.nfe and got.sequences.shape == (1, p.shape[1] + 8)
+    outs.append(got)
+  fn = engine.program(model, sampler, engine.resolve(sampler),
+                      engine.check_knobs(sampler, engine.resolve(sampler), knobs), batch=1,
+                      padded=True)
+  sizes = {fn._cache_size()}
+  model.generate(np.array([[1, 2, 3, 4, 5, 6, 7]]), sampler=sampler, prompt_bucket=8, **knobs)
+  assert {fn._cache_size()} == sizes  # a third length in the same bucket: no new program
+  with pytest.raises(UserError, match="prompt_bucket=-1 must be an integer >= 0"):
+    model.generate(PROMPT, sampler=sampler, prompt_bucket=-1, **knobs)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
 import pathlib
 from typing import Any
 
@@ -114,7 +116,7 @@ class DiffusionLM:
     return np.asarray(self._apply(self.params, ids, None, attention_mask=mask, raw_logits=True)[0])
 
   def generate(self, prompt_ids: Any, attention_mask: Any = None, *, sampler: str | None = None,
-               seed: int = 0, **knobs: Any) -> Any:
+               seed: int = 0, prompt_bucket: int = 0, **knobs: Any) -> Any:
     """Generates after each prompt with a sampler and the reference code's knob names.
 
     ``sampler``: a registered name (``llada``, ``dream``, ``fast_dllm``,
@@ -122,10 +124,13 @@ class DiffusionLM:
     (``config.sample.sampler``).  Each sampler lists its knobs
     (``dlm.sample.engine.resolve(name).knobs``); an unknown knob is an error.
     Rows of different lengths are left-padded with ``attention_mask`` (llada, dream).
+    ``prompt_bucket=N`` left-pads prompts to a multiple of N tokens so that prompt lengths
+    share compiled programs (greedy: the same tokens; stochastic draws differ).
     Returns ``.sequences`` (prompt included), ``.nfe``, ``.committed_at``, ``.texts``.
     """
     from dlm.sample import engine  # the layer above: imported only when generating
-    return engine.generate(self, prompt_ids, attention_mask, sampler=sampler, seed=seed, **knobs)
+    return engine.generate(self, prompt_ids, attention_mask, sampler=sampler, seed=seed,
+                           prompt_bucket=prompt_bucket, **knobs)
 
 
 def is_hf_folder(path: str | pathlib.Path) -> bool:
@@ -212,12 +217,39 @@ def shard(model: DiffusionLM, mesh: Any, *, devices: Any = None) -> DiffusionLM:
   return dataclasses.replace(model, params=params, mesh=mesh, rules=rules, decode_layout=False)
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def _meta_tokenizer_dir(step_dir: pathlib.Path, meta: dict[str, Any]) -> pathlib.Path | None:
+  """A folder holding the tokenizer file a step's meta item carries (None if it has none):
+  ``$XDG_CACHE_HOME/dlm/tokenizers/<sha256>/``, written once, content-addressed."""
+  if "tokenizer_base64" not in meta:
+    return None
+  name = meta.get("tokenizer_file")
+  if name not in TOKENIZER_FILES:
+    raise UserError(f"{step_dir}/meta names tokenizer file {name!r}; only"
+                    f" {' or '.join(TOKENIZER_FILES)} load")
+  try:
+    raw = checkpoint.tokenizer_bytes(meta)
+  except (ValueError, TypeError, KeyError) as e:
+    raise UserError(f"{step_dir}/meta: {e}; copy the whole step folder again") from None
+  from dlm import compile_cache
+  folder = compile_cache.default_dir().parent / "tokenizers" / hashlib.sha256(raw).hexdigest()
+  if not (folder / name).is_file():
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    tmp.write_bytes(raw)
+    os.replace(tmp, folder / name)
+  return folder
+
+
 def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None = None,
          dtype: str | None = "float32", mesh: Any = None, trust_config_code: bool = False,
          compile_cache: str | bool | None = None) -> DiffusionLM:
   """A trained dlm workdir, a converted workdir or an HF folder (LLaDA / Dream) -> ``DiffusionLM``.
 
-  ``path`` may also be one checkpoint of a workdir, ``WORKDIR/checkpoints/STEP``.
+  ``path`` may also be one checkpoint of a workdir, ``WORKDIR/checkpoints/STEP``, or a copy
+  of one on its own (its meta item holds the config and the tokenizer).
   ``step``: the checkpoint to load (default: the newest readable one).
   ``ema``: load the EMA weights (default: when the run kept them, ``train.ema_decay > 0``).
   ``dtype``: the parameters' dtype in memory (None keeps the checkpoint's, e.g.
@@ -233,12 +265,19 @@ def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None 
   from dlm.data import hf_tokenizer
   compile_cache_lib.enable(compile_cache)
   path = pathlib.Path(path)
-  if (path.parent.name == checkpoint.CHECKPOINTS and path.name.isdigit()
-      and not (path / "config.json").is_file()):  # a step folder: that step of its workdir
-    if step is not None and step != int(path.name):
-      raise UserError(f"{path} is step {path.name} but step={step} was asked; give the workdir")
-    path, step = path.parent.parent, int(path.name)
-  if not (path / "config.json").is_file():
+  alone = False  # a step folder read on its own: config and tokenizer from its meta item
+  if checkpoint.is_step_folder(path) and not (path / "config.json").is_file():
+    if (path.parent.name == checkpoint.CHECKPOINTS and path.name.isdigit()
+        and (path.parent.parent / "config.json").is_file()):  # that step of its workdir
+      if step is not None and step != int(path.name):
+        raise UserError(f"{path} is step {path.name} but step={step} was asked; give the"
+                        " workdir")
+      path, step = path.parent.parent, int(path.name)
+    elif step is not None:
+      raise UserError(f"{path} is one checkpoint; step={step} applies to a workdir: drop it")
+    else:
+      alone = True
+  if not alone and not (path / "config.json").is_file():
     raise UserError(f"{path} has no config.json: give a dlm workdir or a Hugging Face model"
                     " folder")
   if is_hf_folder(path):
@@ -251,14 +290,16 @@ def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None 
     graphdef = transformer.param_logical_specs(model_cfg)[0]
     params, step, weights, tok = _cast(params, dtype), 0, "params", None
   else:
-    config = ml_collections.ConfigDict(
-        checkpoint.read_config(path, trust_config_code=trust_config_code))
+    meta = checkpoint.read_step_meta(path, trust_config_code=trust_config_code) if alone else None
+    config = ml_collections.ConfigDict(meta["config"] if alone else checkpoint.read_config(
+        path, trust_config_code=trust_config_code))
+    tok_dir = _meta_tokenizer_dir(path, meta) if alone else path
     tok = None
     if "hf" in config:  # converted: ids and the parameters' dtype in the config
       ids = dict(config.hf.ids)
       vocab, stored = int(config.model.vocab_size), config.hf.get("param_dtype")
     else:  # trained by dlm: its sentencepiece model names the special ids
-      tok = hf_tokenizer.load_any_tokenizer(path)
+      tok = None if tok_dir is None else hf_tokenizer.load_any_tokenizer(tok_dir)
       if tok is None:
         raise UserError(f"{path} has no tokenizer.model; copy it from the run's workdir (or"
                         " a checkpoint's meta item)")
@@ -271,9 +312,13 @@ def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None 
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, want), abstract)
     if ema is None:  # from the config, not the checkpoint's metadata: a lost file is an error
       ema = float(config.get("train", {}).get("ema_decay", 0.0) or 0.0) > 0
-    step, params = checkpoint.restore_params(path, abstract, step, ema=ema)
+    if alone:
+      step, params = checkpoint.restore_step_folder(path, abstract, ema=ema)
+    else:
+      step, params = checkpoint.restore_params(path, abstract, step, ema=ema)
     params, weights = _cast(params, dtype), "ema_params" if ema else "params"
-  if tok is None:
+    path = tok_dir
+  if tok is None and path is not None:
     tok = hf_tokenizer.load_any_tokenizer(path, vocab_size=model_cfg.vocab_size,
                                           **{f"{k}_id": v for k, v in ids.items()})
   model = DiffusionLM(config=config, model_cfg=model_cfg, params=params, ids=ids, tokenizer=tok,

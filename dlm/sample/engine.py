@@ -314,9 +314,33 @@ def prompt_template(prompt: np.ndarray, attention_mask: Any, gen_length: int, ma
   return given, fixed, am
 
 
+def bucket_prompts(prompt: np.ndarray, attention_mask: Any, bucket: int, pad_id: int
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
+  """Prompts [B, P] left-padded to the next multiple of ``bucket``: (prompt, mask, columns added).
+
+  Every prompt length in ``(k - 1) * bucket, k * bucket]`` then shares one compiled loop.
+  Left padding is masked out of attention and positions, so greedy decoding gives the same
+  tokens (up to float rounding); stochastic draws differ, as the noise is drawn over the
+  padded shape.
+  """
+  b, p = prompt.shape
+  am = np.ones((b, p), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+  if am.shape != prompt.shape:
+    raise UserError(f"attention_mask shape {am.shape} != prompt_ids {prompt.shape}")
+  k = -(-p // bucket) * bucket - p
+  return (np.concatenate([np.full((b, k), pad_id, np.int32), prompt], axis=1),
+          np.concatenate([np.zeros((b, k), np.int32), am], axis=1), k)
+
+
 def generate(model: Any, prompt_ids: Any, attention_mask: Any = None, *,
-             sampler: str | None = None, seed: int = 0, **knobs: Any) -> Output:
-  """Continues each prompt row by the sampler's length knob (``gen_length``, ``max_new_tokens``)."""
+             sampler: str | None = None, seed: int = 0, prompt_bucket: int = 0,
+             **knobs: Any) -> Output:
+  """Continues each prompt row by the sampler's length knob (``gen_length``, ``max_new_tokens``).
+
+  ``prompt_bucket=N`` (N >= 1) left-pads prompts to a multiple of N tokens, so that prompt
+  lengths share compiled programs (``bucket_prompts``); the outputs are cut back to the
+  prompt as given.  0 (the default) compiles one program per prompt length.
+  """
   name = sampler or default_sampler(model)
   make = resolve(name)
   full = check_knobs(name, make, knobs)
@@ -330,5 +354,20 @@ def generate(model: Any, prompt_ids: Any, attention_mask: Any = None, *,
     prompt = prompt[None]
   if prompt.ndim != 2:
     raise UserError(f"prompt_ids must be [batch, length], got shape {prompt.shape}")
+  if isinstance(prompt_bucket, bool) or not isinstance(prompt_bucket, (int, np.integer)) or (
+      prompt_bucket < 0):
+    raise UserError(f"prompt_bucket={prompt_bucket!r} must be an integer >= 0 (0: no bucketing)")
+  cut = 0
+  if prompt_bucket and prompt.shape[1] % prompt_bucket:
+    if not make.pads:
+      raise UserError(f"sampler {name!r} takes prompts of one length (no padding), so it cannot"
+                      " bucket them: pass prompt_bucket=0")
+    pad = model.ids.get("pad")
+    pad = model.ids.get("eos") if pad is None else pad
+    prompt, attention_mask, cut = bucket_prompts(prompt, attention_mask, int(prompt_bucket),
+                                                 int(model.ids["mask"] if pad is None else pad))
   given, fixed, am = prompt_template(prompt, attention_mask, int(gen), model.ids["mask"])
-  return sample(model, given, fixed, am, sampler=name, seed=seed, **knobs)
+  out = sample(model, given, fixed, am, sampler=name, seed=seed, **knobs)
+  if cut:
+    out.sequences, out.committed_at = out.sequences[:, cut:], out.committed_at[:, cut:]
+  return out
