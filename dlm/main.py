@@ -31,7 +31,7 @@ def _define_train_flags() -> None:
 
 
 def _define_convert_flags() -> None:
-  flags.DEFINE_enum("from", None, ["llada", "dream"], "The checkpoint family of --src.")
+  flags.DEFINE_enum("from", None, ["llada", "dream", "llama", "qwen2"], "The checkpoint family of --src.")
   flags.DEFINE_string("src", None, "A Hugging Face model folder: config.json, *.safetensors.")
   flags.DEFINE_string("workdir", None, "A new folder for the dlm workdir.")
 
@@ -159,6 +159,8 @@ def _sample_knobs(make, name: str, run, temperature: float, top_p: float) -> dic
   # a flag with a default of its own (--use_cache=dual, --alg=entropy) sets the knob it names
   knobs = {k: f[k].value for k in _KNOB_FLAGS + ("temperature", "top_p")
            if k in takes and f[k].value is not None}
+  if "do_sample" in takes and f.temperature is not None:  # ar: --temperature=T > 0 samples
+    knobs["do_sample"] = f.temperature > 0
   if name == "dream" and knobs.get("top_p") == 1.0:
     knobs["top_p"] = None  # Dream filters only below 1
   if "steps" in takes:
@@ -269,7 +271,7 @@ def cmd_sample() -> None:
       k = width - len(row)
       given, fixed, am = engine.prompt_template(
           np.array([[pad] * k + row], np.int32), np.array([[0] * k + [1] * len(row)]), new,
-          model.ids["mask"])
+          engine.blank_id(model))
       templates.append((given[0], fixed[0], am[0], k))
   num = generate.pick_count("num_samples", f.num_samples, sc.num_samples)
   plan = list(prompts_lib.rows(len(texts), num))

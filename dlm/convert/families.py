@@ -3,6 +3,9 @@
 LLaDA (Nie et al. 2025): a bidirectional LLaMA, no biases, rotate-half RoPE,
 untied head.  Dream (Ye et al. 2025): Qwen2.5 weights (GQA, q/k/v biases, RoPE
 theta 1e6) whose logits are shifted by one position (adapted from an AR model).
+Llama and Qwen2 (``LlamaForCausalLM``, ``Qwen2ForCausalLM``): the same blocks with causal
+attention and shifted logits, i.e. autoregressive models (``mask_kind="causal"``, the
+``autoregressive`` process, the ``ar`` sampler).
 Each family is a set of ``Rule``s: our parameter path <- its tensor name, and
 the exact (invertible) reshape between the two layouts.
 """
@@ -156,6 +159,7 @@ class Family:
   defaults: dict[str, Any]
   fixed: dict[str, Any]  # our model options this family always has
   flags: tuple[str, ...] = ()  # config.json keys that are true/false
+  causal: bool = False  # an autoregressive model (causal attention, next-token logits)
 
   def model_fields(self, hf: dict[str, Any], path: str) -> dict[str, Any]:
     """Our config.model (plus "vocab_size") from the family's config.json."""
@@ -178,9 +182,26 @@ class Family:
                         f"{_show(hf.get('activation_type'))}")
     else:
       out["tie_embeddings"] = bool(hf.get("tie_word_embeddings", False))
+    if self.causal:
+      self._check_causal(hf, path)
     out["num_kv_heads"] = out.get("num_kv_heads") or out["num_heads"]
     out["head_dim"] = out["d_model"] // out["num_heads"]
     return out
+
+  def _check_causal(self, hf: dict[str, Any], path: str) -> None:
+    """What a Llama / Qwen2 config.json may ask that our blocks do not compute: one line."""
+    refuse = {"rope_scaling": hf.get("rope_scaling") is not None,
+              "use_sliding_window": bool(hf.get("use_sliding_window")),
+              "attention_bias": bool(hf.get("attention_bias")),
+              "mlp_bias": bool(hf.get("mlp_bias")),
+              "hidden_act": hf.get("hidden_act", "silu") != "silu",
+              "head_dim": hf.get("head_dim") not in (None, hf.get("hidden_size", 0) // max(
+                  1, hf.get("num_attention_heads") or 1))}
+    bad = [k for k, v in refuse.items() if v]
+    if bad:
+      raise UserError(f"{path}: {bad[0]}={_show(hf.get(bad[0]))} is not supported for a"
+                      f" {self.name} model (dlm computes plain RoPE, no sliding window, no"
+                      " o_proj/MLP biases, SiLU, head_dim = hidden_size / heads)")
 
   def _check_numbers(self, hf: dict[str, Any], out: dict[str, Any], path: str) -> None:
     """Types and ranges of every number read from config.json, before any size is used."""
@@ -205,8 +226,11 @@ class Family:
       if hf.get(key) is not None:
         check_size(path, key, hf[key])
     for key in ID_KEYS:
-      if hf.get(key) is not None:
-        check_size(path, key, hf[key], 0, out["vocab_size"] - 1)
+      value = hf.get(key)
+      # Llama 3 lists several eos ids; every other id is one integer
+      for v in (_listed(value) if key == "eos_token_id" and isinstance(value, list) else
+                [] if value is None else [value]):
+        check_size(path, key, v, 0, out["vocab_size"] - 1)
     mask = self.defaults.get("mask_token_id")
     if hf.get("mask_token_id") is None and mask is not None and mask >= out["vocab_size"]:
       raise UserError(f"{path} has no mask_token_id and the {self.name} default {mask} is not"
@@ -217,7 +241,9 @@ class Family:
     return _rules(self.names, bool(model.get("qkv_bias")), bool(model.get("tie_embeddings")))
 
   def special_ids(self, hf: dict[str, Any]) -> dict[str, int | None]:
-    ids = {k: hf.get(f"{k}_token_id") for k in ("mask", "eos", "pad", "bos")}
+    """mask, eos, pad, bos ids (the first of a list: Llama 3's several EOS ids)."""
+    ids = {k: next(iter(_listed(hf.get(f"{k}_token_id"))), None)
+           for k in ("mask", "eos", "pad", "bos")}
     if ids["mask"] is None:
       ids["mask"] = self.defaults.get("mask_token_id")
     return ids
@@ -243,7 +269,29 @@ DREAM = Family(
     fixed={"qkv_bias": True, "shift_logits": True, "pad_positions": "cumsum"},
     flags=("tie_word_embeddings",))
 
-FAMILIES = {f.name: f for f in (LLADA, DREAM)}
+_CAUSAL_KEYS = dict(DREAM.keys)
+_CAUSAL_FIXED = {"shift_logits": True, "pad_positions": "index", "mask_kind": "causal"}
+
+LLAMA = Family(
+    name="llama", model_types=("llama",), names=_DREAM, keys=_CAUSAL_KEYS,
+    defaults={"num_key_value_heads": None, "rope_theta": 10_000.0, "rms_norm_eps": 1e-6},
+    fixed={"qkv_bias": False, **_CAUSAL_FIXED},
+    flags=("tie_word_embeddings", "attention_bias", "mlp_bias"), causal=True)
+
+QWEN2 = Family(
+    name="qwen2", model_types=("qwen2",), names=_DREAM, keys=_CAUSAL_KEYS,
+    defaults={"num_key_value_heads": None, "rope_theta": 10_000.0, "rms_norm_eps": 1e-6},
+    fixed={"qkv_bias": True, **_CAUSAL_FIXED},
+    flags=("tie_word_embeddings", "use_sliding_window"), causal=True)
+
+FAMILIES = {f.name: f for f in (LLADA, DREAM, LLAMA, QWEN2)}
+
+
+def _listed(value: Any) -> list[Any]:
+  """An id field of config.json as a list (absent: empty; Llama 3's eos list as it is)."""
+  if value is None:
+    return []
+  return list(value) if isinstance(value, list) and value else [value]
 
 
 def family_of(hf: dict[str, Any], path: str, expected: str | None = None) -> Family:
@@ -252,7 +300,7 @@ def family_of(hf: dict[str, Any], path: str, expected: str | None = None) -> Fam
   found = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
   if found is None:
     raise UserError(f"{path} has model_type={hf.get('model_type')!r}; dlm converts"
-                    f" {sorted(FAMILIES)} (model_type 'llada' or 'Dream')")
+                    f" {sorted(FAMILIES)} (model_type 'llada', 'Dream', 'llama' or 'qwen2')")
   if expected is not None and expected != found.name:
     raise UserError(f"--from={expected} but {path} holds a {found.name} model; use --from={found.name}")
   return found
@@ -278,12 +326,15 @@ def dlm_config(family: str, model: dict[str, Any], hf_cfg: dict[str, Any],
             if f.default is not dataclasses.MISSING}
   fields.update({k: v for k, v in model.items() if k in fields or k == "vocab_size"})
   seq_len = int(hf_cfg.get("max_sequence_length") or hf_cfg.get("max_position_embeddings") or 4096)
+  causal = FAMILIES[family].causal
+  process = ({"name": "autoregressive", "schedule": {"name": "linear"}} if causal
+             else {"name": "masked", "schedule": {"name": "linear", "eps": 1e-4}})
   return {
       "seed": 0,
       "model": fields,
-      "process": {"name": "masked", "schedule": {"name": "linear", "eps": 1e-4}},
+      "process": process,
       "data": {"source": "hf", "vocab_size": int(model["vocab_size"]), "seq_len": seq_len},
-      "sample": {"sampler": family, "steps": 128, "num_samples": 1, "length": 128,
+      "sample": {"sampler": "ar" if causal else family, "steps": 128, "num_samples": 1, "length": 128,
                  "temperature": 1.0, "top_p": 1.0, "seed": 0},
       "eval": {"batch_size": 8, "num_passes": 1, "max_rows": 0, "seed": 1234},
       "hf": {"family": family, "ids": ids, "source": src, "param_dtype": param_dtype},

@@ -1,4 +1,4 @@
-"""Import and export LLaDA / Dream Hugging Face folders as our parameters, one tensor at a time.
+"""Import and export LLaDA / Dream / Llama / Qwen2 Hugging Face folders as our parameters, one tensor at a time.
 
 Import reads ``config.json`` and the (single or sharded) safetensors tensor by
 tensor into the stacked layout of our Transformer, so host memory peaks near
@@ -200,8 +200,12 @@ def hf_config_for(model: dict[str, Any], family: str, ids: dict[str, Any],
               include_qkv_bias=bool(model.get("qkv_bias")), block_type="llama",
               activation_type="silu")
   else:
-    hf.setdefault("model_type", "Dream")
+    hf.setdefault("model_type", {"dream": "Dream"}.get(family, family))
     hf["tie_word_embeddings"] = bool(model.get("tie_embeddings"))
+    if fam.causal:
+      hf.setdefault("architectures", [{"llama": "LlamaForCausalLM",
+                                       "qwen2": "Qwen2ForCausalLM"}[family]])
+      hf.setdefault("hidden_act", "silu")
   for k, v in ids.items():
     if v is not None:
       hf[f"{k}_token_id"] = v

@@ -93,12 +93,16 @@ def attend(q: Array, k: Array, v: Array, *, backend: str = "xla", kind: str = "b
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-def attend_cached(q: Array, k: Array, v: Array, key_mask: Array | None = None) -> Array:
-  """A KV-cached window pass: q [B, W, N, H] attends to every cached key, k, v [B, K, L, H]
+def attend_cached(q: Array, k: Array, v: Array, key_mask: Array | None = None, *,
+                  kind: str = "bidirectional", block_size: int = 0,
+                  q_offset: Array | int = 0) -> Array:
+  """A KV-cached window pass: q [B, W, N, H] attends to the cached keys, k, v [B, K, L, H]
   (heads-major, as cache.py holds them; K divides N) -> [B, W, N, H].
 
-  softmax(q k^T / sqrt(H) + mask) v (bidirectional; ``key_mask`` [B, L], 1 = real key, masks
-  left padding), in float32; heads-major keys need no per-pass transpose (on XLA:CPU that
+  softmax(q k^T / sqrt(H) + mask) v in float32: ``key_mask`` [B, L] (1 = real key) masks
+  left padding, and ``kind`` the keys a query at absolute position ``q_offset + w`` may see
+  (``causal``: j <= i, an AR decoding step; ``block_causal``: block(j) <= block(i); the
+  offset may be traced).  Heads-major keys need no per-pass transpose (on XLA:CPU that
   halves its cost).
   """
   b, w, n, h = q.shape
@@ -109,6 +113,12 @@ def attend_cached(q: Array, k: Array, v: Array, key_mask: Array | None = None) -
   if key_mask is not None:  # a pad key gets float32 min, as the padded full pass gives it
     logits = jnp.where(key_mask.astype(bool)[:, None, None, None, :], logits,
                        jnp.finfo(jnp.float32).min)
+  if kind != "bidirectional":
+    i = q_offset + jnp.arange(w, dtype=jnp.int32)[:, None]
+    j = jnp.arange(kv_len := k.shape[2], dtype=jnp.int32)[None, :]
+    seen = j <= i if kind == "causal" else (j // block_size) <= (i // block_size)
+    logits = jnp.where(seen, logits, jnp.finfo(jnp.float32).min)
+    del kv_len
   p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgwl,bklh->bkgwh", p, v)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, w, n, h)

@@ -166,7 +166,8 @@ class Attention(nnx.Module):
       if k_rot is None:  # the cached keys sit at positions 0..L-1
         k_rot = rotation_table(k.shape[2], self.head_dim, self.rope_theta)
       k = rope(k.astype(dt), None, self.rope_theta, cos_sin=k_rot, heads_major=True)
-      out = attention.attend_cached(q, k, v.astype(dt), key_mask=masks[1])
+      out = attention.attend_cached(q, k, v.astype(dt), key_mask=masks[1], kind=self.mask_kind,
+                                    block_size=self.block_size, q_offset=start)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     if self.decode:
       out = dense(out.reshape(*out.shape[:2], -1), self.wo[...].astype(dt))

@@ -1,4 +1,5 @@
-"""The denoiser: a bidirectional Transformer over token ids, optionally time-conditioned.
+"""The denoiser: a Transformer over token ids (bidirectional, or causal for AR models),
+optionally time-conditioned.
 
 Pre-norm blocks (RMSNorm -> attention with RoPE -> SwiGLU), layers stacked on a
 leading ``layers`` axis and run under ``nnx.scan``; with time conditioning each
@@ -195,11 +196,10 @@ class Transformer(nnx.Module):
         rotations = tuple(tuple(jnp.broadcast_to(a, (b, *a.shape[1:])) for a in r)
                           for r in (q_rot, k_rot))
     mask = (segment_ids, attention_mask)
-    if cache is not None and (segment_ids is not None or cfg.mask_kind != "bidirectional"
+    if cache is not None and (segment_ids is not None
                               or (attention_mask is not None and cfg.pad_positions != "index")):
-      raise ValueError("a KV-cached window pass takes no segment_ids, and needs"
-                       " model.mask_kind='bidirectional' and, with an attention_mask (all L"
-                       " cached keys'), pad_positions='index'")
+      raise ValueError("a KV-cached window pass takes no segment_ids, and needs, with an"
+                       " attention_mask (all L cached keys'), pad_positions='index'")
     x = jnp.take(self.embed[...], x_t, axis=0).astype(cfg.compute_dtype)  # [B, L, D]
     x = constrain(x, ("batch", "length", "embed"))
     c = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from dlm.processes import common
+from dlm.processes.autoregressive import AutoregressiveProcess
 from dlm.processes.base import PROCESSES, Process
 from dlm.processes.masked import MaskedProcess
 from dlm.processes.schedules import (SCHEDULES, CosineSchedule,
@@ -20,6 +21,7 @@ from dlm.processes.uniform import UniformProcess
 
 __all__ = [
     "PROCESSES", "SCHEDULES", "Process", "MaskedProcess", "UniformProcess",
+    "AutoregressiveProcess",
     "Schedule", "LinearSchedule", "CosineSchedule", "PolynomialSchedule",
     "LogLinearSchedule", "GeometricSchedule", "make_process", "make_schedule",
     "common",

@@ -74,6 +74,8 @@ class Denoiser:
   eos_id: int | None = None
   eot_id: int | None = None
   shifted: bool = False  # logits at i come from output i-1 (Dream): no KV-cached window passes
+  causal: bool = False  # an autoregressive model (causal attention): only the `ar` sampler
+  pad_id: int | None = None
 
   def __call__(self, x_t: Array, t: Array | None = None, **kw: Any) -> tuple[Array, Any]:
     """The denoiser contract (``Transformer.__call__``): keywords attention_mask, segment_ids,
@@ -104,32 +106,46 @@ SAMPLERS: Registry[Callable[..., Sampler]] = Registry("sampler")
 
 
 def register(name: str, *, knobs: dict[str, Knob], length: str | None = "gen_length",
-             pads: bool = True, infill: bool = False, doc: str = ""
+             pads: bool = True, infill: bool = False, causal: bool = False, doc: str = ""
              ) -> Callable[[Callable[..., Sampler]], Callable[..., Sampler]]:
   """Registers a sampler factory with its knobs.
 
   ``length``: the knob that sizes the generation after a prompt (``generate``);
   ``pads``: takes left-padded batches (an attention mask); ``infill``: takes any
-  template of fixed positions (``sample``), not only a prompt followed by masks.
+  template of fixed positions (``sample``), not only a prompt followed by masks;
+  ``causal``: decodes autoregressive models (causal attention), not diffusion models.
   """
   def deco(make: Callable[..., Sampler]) -> Callable[..., Sampler]:
-    declare(make, knobs=knobs, length=length, pads=pads, infill=infill)
+    declare(make, knobs=knobs, length=length, pads=pads, infill=infill, causal=causal)
     return SAMPLERS.register(name)(make)
   return deco
 
 
 def declare(make: Callable[..., Sampler], *, knobs: dict[str, Knob],
-            length: str | None = "gen_length", pads: bool = True, infill: bool = False) -> None:
+            length: str | None = "gen_length", pads: bool = True, infill: bool = False,
+            causal: bool = False) -> None:
   """Attaches the knob table to a factory (``register`` without a registry name, for
   ``module:function`` samplers)."""
   make.knobs = dict(knobs)  # type: ignore[attr-defined]
   make.length = length  # type: ignore[attr-defined]
   make.pads = pads  # type: ignore[attr-defined]
   make.infill = infill  # type: ignore[attr-defined]
+  make.causal = causal  # type: ignore[attr-defined]
+
+
+def check_model_kind(name: str, make: Callable[..., Sampler], causal: bool) -> None:
+  """An autoregressive model takes only causal samplers, a diffusion model only the others."""
+  if bool(getattr(make, "causal", False)) == causal:
+    return
+  if causal:
+    raise UserError(f"sampler {name!r} denoises a diffusion model; this model is autoregressive"
+                    " (causal attention): use sampler='ar'")
+  raise UserError(f"sampler {name!r} decodes autoregressive models; this one is a diffusion"
+                  " model: use its own sampler (config.sample.sampler, e.g. 'llada')")
 
 
 def _builtins() -> None:
-  from dlm.sample import dream, fast_dllm, llada, samplers  # noqa: F401  (they register)
+  from dlm.sample import ar, dream, fast_dllm, llada, samplers  # noqa: F401  (they register)
 
 
 def resolve(name: str) -> Callable[..., Sampler]:
@@ -205,7 +221,8 @@ def _ids(model: Any) -> dict[str, Any]:
   ids = model.ids
   return dict(mask_id=ids["mask"], vocab_size=model.model_cfg.vocab_size,
               uses_t=bool(model.model_cfg.time_conditioning), eos_id=ids.get("eos"),
-              eot_id=ids.get("eot"), shifted=bool(model.model_cfg.shift_logits))
+              eot_id=ids.get("eot"), shifted=bool(model.model_cfg.shift_logits),
+              causal=model.model_cfg.mask_kind == "causal", pad_id=ids.get("pad"))
 
 
 def default_sampler(model: Any) -> str:
@@ -213,6 +230,8 @@ def default_sampler(model: Any) -> str:
   sample = model.config.get("sample") if hasattr(model.config, "get") else None
   if sample is not None and sample.get("sampler"):
     return sample.sampler
+  if model.model_cfg.mask_kind == "causal":
+    return "ar"
   family = model.config.get("hf", {}).get("family") if "hf" in model.config else None
   return {"dream": "dream"}.get(family, "llada")
 
@@ -224,6 +243,7 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
   name = sampler or default_sampler(model)
   make = resolve(name)
   full = check_knobs(name, make, knobs)
+  check_model_kind(name, make, model.model_cfg.mask_kind == "causal")
   given = np.asarray(given, np.int32)
   fixed = np.asarray(fixed, bool)
   if given.ndim == 1:
@@ -242,10 +262,14 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
   key = jax.random.key(seed) if rng is None else rng
   x, nfe, committed_at = fn(model.sampling_params(), key, jnp.asarray(given),
                             jnp.asarray(fixed), None if am is None else jnp.asarray(am))
-  seqs = np.asarray(x)
+  seqs, committed_at = np.asarray(x), np.asarray(committed_at)
+  # columns after the last one any row reached (every row stopped early: EOS) are cut
+  reached = fixed.any(0) | (committed_at >= 0).any(0)
+  end = int(np.flatnonzero(reached)[-1]) + 1 if reached.any() else seqs.shape[1]
+  seqs, committed_at, fixed = seqs[:, :end], committed_at[:, :end], fixed[:, :end]
   tok = getattr(model, "tokenizer", None)
   gen = _generated(seqs, fixed, model.ids.get("eos") if tok is None else tok.eos_id)
-  return Output(sequences=seqs, nfe=int(nfe), committed_at=np.asarray(committed_at),
+  return Output(sequences=seqs, nfe=int(nfe), committed_at=committed_at,
                 token_ids=gen, texts=None if tok is None else [tok.decode(g) for g in gen])
 
 
@@ -297,6 +321,14 @@ def _generated(seqs: np.ndarray, fixed: np.ndarray, eos_id: int | None) -> list[
       gen = gen[:gen.index(eos_id)]
     out.append(gen)
   return out
+
+
+def blank_id(model: Any) -> int:
+  """What fills the positions to generate: the mask id (an AR model has none: its pad)."""
+  for key in ("mask", "pad", "eos"):
+    if model.ids.get(key) is not None:
+      return int(model.ids[key])
+  return 0
 
 
 def prompt_template(prompt: np.ndarray, attention_mask: Any, gen_length: int, mask_id: int
@@ -366,7 +398,7 @@ def generate(model: Any, prompt_ids: Any, attention_mask: Any = None, *,
     pad = model.ids.get("eos") if pad is None else pad
     prompt, attention_mask, cut = bucket_prompts(prompt, attention_mask, int(prompt_bucket),
                                                  int(model.ids["mask"] if pad is None else pad))
-  given, fixed, am = prompt_template(prompt, attention_mask, int(gen), model.ids["mask"])
+  given, fixed, am = prompt_template(prompt, attention_mask, int(gen), blank_id(model))
   out = sample(model, given, fixed, am, sampler=name, seed=seed, **knobs)
   if cut:
     out.sequences, out.committed_at = out.sequences[:, cut:], out.committed_at[:, cut:]
