@@ -158,7 +158,10 @@ def _sample_knobs(make, name: str, run, temperature: float, top_p: float) -> dic
                    f" {', '.join(takes)} (others pass as --knob=NAME=VALUE)")
   # a flag with a default of its own (--use_cache=dual, --alg=entropy) sets the knob it names
   knobs = {k: f[k].value for k in _KNOB_FLAGS + ("temperature", "top_p")
-           if k in takes and f[k].value is not None}
+           if k in takes and f[k].value is not None
+           and (f[k].present or not isinstance(takes[k].default, bool))}
+  if isinstance(knobs.get("use_cache"), str) and isinstance(takes["use_cache"].default, bool):
+    knobs["use_cache"] = knobs["use_cache"] != "none"  # ar, bd3: a cache or none
   if "do_sample" in takes and f.temperature is not None:  # ar: --temperature=T > 0 samples
     knobs["do_sample"] = f.temperature > 0
   if name == "dream" and knobs.get("top_p") == 1.0:
@@ -258,7 +261,14 @@ def cmd_sample() -> None:
     new = f.max_new_tokens if f.max_new_tokens is not None else length - width
     if new < 1:
       raise _usage(f"--prompt is {width} tokens, no room in --length={length}; raise --length")
-    if f.prompt_bucket and f.max_new_tokens is not None:  # rows of width + new: bucket width
+    if run.model_cfg.mask_kind == "bd3":  # block diffusion: the prompt in whole blocks
+      block = run.model_cfg.block_size
+      width = -(-width // block) * block
+      new = f.max_new_tokens if f.max_new_tokens is not None else length - width
+      if new < 1:
+        raise _usage(f"--prompt takes {width} tokens in blocks of {block}, no room in"
+                     f" --length={length}; raise --length")
+    elif f.prompt_bucket and f.max_new_tokens is not None:  # rows of width + new
       if not make.pads:
         raise _usage(f"sampler {name!r} takes prompts of one length (no padding): drop"
                      " --prompt_bucket")

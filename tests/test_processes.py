@@ -302,7 +302,7 @@ def test_loss_registry(tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(str(tmp_path))
   assert losses.get_loss("my_loss:zero")(None, None, None, model=None, process=None,
                                          config=None)[0] == 0.0
-  with pytest.raises(ValueError, match="known: discrete_nelbo, .*nelbo"):
+  with pytest.raises(ValueError, match="known: bd3_nelbo, discrete_nelbo, .*nelbo"):
     losses.get_loss("mse")
 
 

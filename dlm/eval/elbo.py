@@ -65,11 +65,21 @@ def evaluate(eval_fn: Callable[..., dict[str, jax.Array]], params: Any, rows: np
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], t: jax.Array, rng: jax.Array, *,
-              model: Callable[..., jax.Array], process: Any) -> dict[str, jax.Array]:
-  """Negative ELBO (nats) summed over the batch at given times t [B], and the token count."""
+              model: Callable[..., jax.Array], process: Any,
+              bd3_block_size: int = 0) -> dict[str, jax.Array]:
+  """Negative ELBO (nats) summed over the batch at given times t [B], and the token count.
+
+  ``bd3_block_size`` > 0 (a ``mask_kind="bd3"`` model): BD3-LM's block NELBO with every
+  block of a row at its time t (each term's t is still U(0, 1): the same expectation).
+  """
   x0 = batch["tokens"]
   loss_mask = batch["loss_mask"]
   x_t = process.corrupt(rng, x0, t)
+  if bd3_block_size:
+    t_blocks = jnp.broadcast_to(t[:, None], (x0.shape[0], x0.shape[1] // bd3_block_size))
+    nelbo = losses.bd3_block_nelbo(model, params, process, x0, x_t, t_blocks, bd3_block_size,
+                                   loss_mask, **losses.denoiser_kwargs(batch))
+    return {"nelbo_sum": jnp.sum(nelbo), "num_tokens": jnp.sum(loss_mask)}
   logits, _ = model(params, x_t, t, **losses.denoiser_kwargs(batch))
   nelbo = process.nelbo(logits, x0, x_t, t, loss_mask=loss_mask)  # [B]
   return {"nelbo_sum": jnp.sum(nelbo), "num_tokens": jnp.sum(loss_mask)}

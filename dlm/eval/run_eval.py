@@ -86,7 +86,9 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, max_rows: int | None = None
     rows, meta = inputs.validation_rows(model.config.data, workdir, max_rows)
   passes = int(ec.get("num_passes", 1)) if num_passes is None else num_passes
   piece_bytes = tok.piece_bytes()
-  eval_fn = jax.jit(functools.partial(elbo.eval_step, model=model.apply, process=model.process))
+  bd3 = model.model_cfg.block_size if model.model_cfg.mask_kind == "bd3" else 0
+  eval_fn = jax.jit(functools.partial(elbo.eval_step, model=model.apply, process=model.process,
+                                      bd3_block_size=bd3))
   batch_size = min(int(ec.get("batch_size", 8)), len(rows))
   with tqdm(total=passes * -(-len(rows) // batch_size), desc="eval", unit="batch",
             disable=jax.process_index() != 0) as bar:

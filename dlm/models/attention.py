@@ -5,8 +5,12 @@ softmax(q k^T / sqrt(H) + mask) v (Vaswani et al. 2017, eq. 1) with the mask
   allowed[b, i, j] = kind(i, j) & (segment_q[b, i] == segment_kv[b, j]) & real_kv[b, j]
 
 where ``kind`` is ``bidirectional`` (all pairs), ``causal`` (j <= i) or
-``block_causal`` (block(j) <= block(i), blocks of ``block_size``: BD3-LM's
-mask over a sequence of blocks; block size 1 is causal, L is bidirectional).
+``block_causal`` (block(j) <= block(i), blocks of ``block_size``: block size 1 is causal,
+L is bidirectional) or ``bd3``: BD3-LM's training mask over x_t (+) x_0, 2L tokens
+(Arriola et al. 2025, Sec. 3.2 / Fig. 2): block-diagonal inside x_t and inside x_0
+(M_BD), each noisy block sees the clean blocks before it (offset block-causal, M_OBC), and
+x_0 is block-causal (M_BC); x_0 never sees x_t.  A KV-cached window pass of a ``bd3``
+model (sampling: the noisy block against the cached clean ones) is ``block_causal``.
 
 - ``xla``: ``jax.nn.dot_product_attention`` with a dense boolean mask; any device.
 - ``cudnn``: the same call with ``implementation="cudnn"`` (NVIDIA GPUs; fused flash attention).
@@ -32,7 +36,7 @@ from dlm import parallel
 
 Array = jax.Array
 BACKENDS = ("xla", "cudnn", "splash")
-MASK_KINDS = ("bidirectional", "causal", "block_causal")
+MASK_KINDS = ("bidirectional", "causal", "block_causal", "bd3")
 SPLASH_BLOCK = 128  # splash tiles: sequence lengths must be multiples of this
 
 
@@ -41,8 +45,8 @@ def check(backend: str, kind: str, block_size: int) -> None:
     raise ValueError(f"model.attention={backend!r} unknown; use one of {list(BACKENDS)}")
   if kind not in MASK_KINDS:
     raise ValueError(f"model.mask_kind={kind!r} unknown; use one of {list(MASK_KINDS)}")
-  if kind == "block_causal" and block_size < 1:
-    raise ValueError("model.mask_kind='block_causal' needs model.block_size >= 1")
+  if kind in ("block_causal", "bd3") and block_size < 1:
+    raise ValueError(f"model.mask_kind={kind!r} needs model.block_size >= 1")
 
 
 def kind_mask(kind: str, block_size: int, q_len: int, kv_len: int, q_offset: int = 0) -> np.ndarray:
@@ -53,7 +57,26 @@ def kind_mask(kind: str, block_size: int, q_len: int, kv_len: int, q_offset: int
     return np.ones((q_len, kv_len), bool)
   if kind == "causal":
     return j <= i
+  if kind == "bd3":
+    return bd3_mask(q_len, block_size)[q_offset:q_offset + q_len, :kv_len]
   return (j // block_size) <= (i // block_size)
+
+
+def bd3_mask(length: int, block_size: int) -> np.ndarray:
+  """BD3-LM's [2n, 2n] mask over x_t (+) x_0 (``length`` = 2n): M_BD | M_OBC | M_BC."""
+  if length % 2 or (length // 2) % block_size:
+    raise ValueError(f"mask_kind='bd3' needs x_t (+) x_0 of 2n tokens with block_size"
+                     f" {block_size} dividing n; got {length} tokens")
+  n = length // 2
+  idx = np.arange(length)
+  clean = idx >= n
+  block = np.where(clean, idx - n, idx) // block_size
+  bq, bk = block[:, None], block[None, :]
+  cq, ck = clean[:, None], clean[None, :]
+  diagonal = (bq == bk) & (cq == ck)
+  offset_causal = (bq > bk) & ck & ~cq
+  causal_clean = (bq >= bk) & ck & cq
+  return diagonal | offset_causal | causal_clean
 
 
 def dense_mask(kind: str, block_size: int, q_len: int, kv_len: int, *,
@@ -113,6 +136,8 @@ def attend_cached(q: Array, k: Array, v: Array, key_mask: Array | None = None, *
   if key_mask is not None:  # a pad key gets float32 min, as the padded full pass gives it
     logits = jnp.where(key_mask.astype(bool)[:, None, None, None, :], logits,
                        jnp.finfo(jnp.float32).min)
+  if kind == "bd3":  # sampling: the noisy block against the cached clean blocks
+    kind = "block_causal"
   if kind != "bidirectional":
     i = q_offset + jnp.arange(w, dtype=jnp.int32)[:, None]
     j = jnp.arange(kv_len := k.shape[2], dtype=jnp.int32)[None, :]

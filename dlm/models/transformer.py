@@ -51,7 +51,8 @@ class ModelConfig:
   shift_logits: bool = False  # Dream (from an AR model): position i is predicted at output i-1
   pad_positions: str = "index"  # "index": RoPE at 0..L-1; "cumsum": cumsum(attention_mask) - 1
   # Attention kernel and mask (dlm/models/attention.py): "xla" (any device), "cudnn" (GPU),
-  # "splash" (Pallas TPU); "bidirectional", "causal" or "block_causal" (blocks of block_size).
+  # "splash" (Pallas TPU); "bidirectional", "causal", "block_causal" (blocks of block_size)
+  # or "bd3" (BD3-LM: a full pass takes x_t (+) x_0, 2L tokens, positions 0..L-1 twice).
   attention: str = "xla"
   mask_kind: str = "bidirectional"
   block_size: int = 0
@@ -185,6 +186,11 @@ class Transformer(nnx.Module):
       real = attention_mask.astype(jnp.int32)
       positions = jnp.where(real > 0, jnp.cumsum(real, axis=-1) - 1, 1)
     rotations = None
+    if positions is None and cfg.mask_kind == "bd3" and cache is None:
+      if l % 2:
+        raise ValueError(f"a full pass of a mask_kind='bd3' model takes x_t (+) x_0 (2L"
+                         f" tokens); got {l}")
+      positions = jnp.broadcast_to(jnp.tile(jnp.arange(l // 2, dtype=jnp.int32), 2), (b, l))
     if positions is None:
       offset = 0 if cache_start is None else cache_start
       positions = jnp.broadcast_to(offset + jnp.arange(l, dtype=jnp.int32), (b, l))

@@ -76,6 +76,7 @@ class Denoiser:
   shifted: bool = False  # logits at i come from output i-1 (Dream): no KV-cached window passes
   causal: bool = False  # an autoregressive model (causal attention): only the `ar` sampler
   pad_id: int | None = None
+  block_size: int = 0  # a BD3-LM model's block (mask_kind "bd3"), else 0
 
   def __call__(self, x_t: Array, t: Array | None = None, **kw: Any) -> tuple[Array, Any]:
     """The denoiser contract (``Transformer.__call__``): keywords attention_mask, segment_ids,
@@ -145,7 +146,7 @@ def check_model_kind(name: str, make: Callable[..., Sampler], causal: bool) -> N
 
 
 def _builtins() -> None:
-  from dlm.sample import ar, dream, fast_dllm, llada, samplers  # noqa: F401  (they register)
+  from dlm.sample import ar, bd3, dream, fast_dllm, llada, samplers  # noqa: F401  (register)
 
 
 def resolve(name: str) -> Callable[..., Sampler]:
@@ -222,7 +223,8 @@ def _ids(model: Any) -> dict[str, Any]:
   return dict(mask_id=ids["mask"], vocab_size=model.model_cfg.vocab_size,
               uses_t=bool(model.model_cfg.time_conditioning), eos_id=ids.get("eos"),
               eot_id=ids.get("eot"), shifted=bool(model.model_cfg.shift_logits),
-              causal=model.model_cfg.mask_kind == "causal", pad_id=ids.get("pad"))
+              causal=model.model_cfg.mask_kind == "causal", pad_id=ids.get("pad"),
+              block_size=model.model_cfg.block_size if model.model_cfg.mask_kind == "bd3" else 0)
 
 
 def default_sampler(model: Any) -> str:
@@ -232,6 +234,8 @@ def default_sampler(model: Any) -> str:
     return sample.sampler
   if model.model_cfg.mask_kind == "causal":
     return "ar"
+  if model.model_cfg.mask_kind == "bd3":
+    return "bd3"
   family = model.config.get("hf", {}).get("family") if "hf" in model.config else None
   return {"dream": "dream"}.get(family, "llada")
 
@@ -390,6 +394,8 @@ def generate(model: Any, prompt_ids: Any, attention_mask: Any = None, *,
       prompt_bucket < 0):
     raise UserError(f"prompt_bucket={prompt_bucket!r} must be an integer >= 0 (0: no bucketing)")
   cut = 0
+  if not prompt_bucket and model.model_cfg.mask_kind == "bd3":
+    prompt_bucket = model.model_cfg.block_size  # block diffusion: prompts of whole blocks
   if prompt_bucket and prompt.shape[1] % prompt_bucket:
     if not make.pads:
       raise UserError(f"sampler {name!r} takes prompts of one length (no padding), so it cannot"

@@ -137,6 +137,20 @@ def check_batch(tc: ml_collections.ConfigDict, mesh: Any, process_count: int) ->
         f" {process_count} processes; change them")
 
 
+def check_blocks(config: ml_collections.ConfigDict) -> None:
+  """A BD3-LM model's blocks tile every row, and its loss uses the same blocks."""
+  block = _bd3_block_size(config.model)
+  if not block:
+    return
+  seq_len = int(config.data.seq_len)
+  if seq_len % block:
+    raise UserError(f"model.block_size={block} does not divide data.seq_len={seq_len}; pick a"
+                    " divisor (e.g. --config.model.block_size=4 with --config.loss.block_size=4)")
+  if config.loss.get("name") == "bd3_nelbo" and int(config.loss.get("block_size", 0)) != block:
+    raise UserError(f"loss.block_size={config.loss.get('block_size')} != model.block_size="
+                    f"{block}: set both to the same block")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           init_from: str | pathlib.Path | None = None) -> dict[str, Any]:
   """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the final metrics.
@@ -194,6 +208,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
   check_batch(tc, mesh, jax.process_count())
+  check_blocks(config)
 
   # --- data: process 0 trains the tokenizer and fills the cache, the others then load it ---
   if not is_main:
@@ -243,7 +258,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                       if "python_version" in data.meta else ""))
 
   # --- steps ---
-  eval_step = elbo.jit_eval_step(mesh, rules, shardings.params, model=apply, process=process)
+  eval_step = elbo.jit_eval_step(mesh, rules, shardings.params, model=apply, process=process,
+                                 bd3_block_size=_bd3_block_size(config.model))
   all_finite = step_lib.jit_all_finite(shardings)
   put = functools.partial(parallel.global_batch, mesh=mesh, rules=rules)
   put_eval = functools.partial(parallel.replicated_batch, mesh=mesh, rules=rules)
@@ -350,3 +366,8 @@ def _check_nonfinite(step: int, streak: jax.Array, *, max_bad: int, bar: Any, sa
         f"{streak} non-finite updates in a row (steps {step - streak + 1}..{step}), all skipped"
         f" (train.max_nonfinite_in_a_row={max_bad}); the finite state of step {step_now} is"
         f" {'saved' if saved else 'NOT saved'}: lower optim.lr or check the data, then resume")
+
+
+def _bd3_block_size(model_cfg: Any) -> int:
+  """The block size of a BD3-LM model (mask_kind "bd3"), else 0."""
+  return int(model_cfg.get("block_size", 0) or 0) if model_cfg.get("mask_kind") == "bd3" else 0
