@@ -25,3 +25,10 @@ class KVCache:
   @property
   def length(self) -> int:
     return self.k.shape[3]
+
+
+def write(cache: KVCache, window: KVCache, start: jax.Array | int) -> KVCache:
+  """``cache`` with a window pass's keys/values (``fill_cache=True``: [layers, B, kv, W, H])
+  written in at positions [start, start + W)."""
+  put = lambda a, w: jax.lax.dynamic_update_slice_in_dim(a, w.astype(a.dtype), start, axis=3)
+  return KVCache(k=put(cache.k, window.k), v=put(cache.v, window.v))

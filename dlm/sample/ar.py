@@ -116,8 +116,7 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int,
     last = jax.lax.dynamic_slice_in_dim(state.x, pos - 1, 1, axis=1)
     logits, win = denoiser(last, None, raw_logits=True, attention_mask=state.aux["am"], cache=c,
                            cache_start=pos - 1, fill_cache=True)
-    put = lambda a, w: jax.lax.dynamic_update_slice_in_dim(a, w.astype(a.dtype), pos - 1, axis=3)
-    return logits[:, 0], cache_lib.KVCache(k=put(c.k, win.k), v=put(c.v, win.v))
+    return logits[:, 0], cache_lib.write(c, win, pos - 1)
 
   def step(state: engine.State) -> engine.State:
     rng, draw_rng = jax.random.split(state.rng)

@@ -83,10 +83,7 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
     logits, win = denoiser(tokens, None, attention_mask=state.aux["am"], cache=c,
                            cache_start=jnp.int32(start) if isinstance(start, int) else start,
                            fill_cache=True)
-    if fill:
-      put = lambda a, w: jax.lax.dynamic_update_slice_in_dim(a, w.astype(a.dtype), start, axis=3)
-      c = cache_lib.KVCache(k=put(c.k, win.k), v=put(c.v, win.v))
-    return logits, c
+    return logits, cache_lib.write(c, win, start) if fill else c
 
   def prompt_pass(state: engine.State) -> engine.State:
     p = state.x.shape[1] - gen_length
@@ -116,7 +113,7 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
     masked = blk == mask_id
     i = state.aux["i"]
     n = jnp.where(i == 0, jnp.sum(masked, axis=1).astype(jnp.int32), state.aux["n"])
-    k = n // steps + (i < n % steps).astype(jnp.int32)
+    k = llada.quota_of(n, i, steps)
     scores = logits / temperature + cat.gumbel(noise_rng, logits.shape) if temperature > 0 \
         else logits
     x0 = jnp.argmax(scores, axis=-1).astype(jnp.int32)

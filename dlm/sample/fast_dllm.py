@@ -108,7 +108,7 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_leng
     # the quota schedule from the masks at the block's start (LLaDA's), one per pass
     n = jnp.where(i == 0, jnp.sum(blk == mask_id, axis=1).astype(jnp.int32), state.aux["n"])
     j = jnp.minimum(i, per_block - 1)
-    k = n // per_block + (j < n % per_block).astype(jnp.int32)
+    k = llada.quota_of(n, j, per_block)
     x, at = _commit(state.x, logits, start, block_length, k, threshold, mask_id, state.nfe,
                     state.committed_at, state.fixed, rng, temperature, remasking)
     return state.replace(x=x, committed_at=at, nfe=state.nfe + 1,

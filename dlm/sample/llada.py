@@ -24,6 +24,12 @@ from dlm.sample import engine
 Array = jax.Array
 
 
+def quota_of(n: jax.Array, i: jax.Array, steps: int) -> jax.Array:
+  """LLaDA's schedule: tokens committed at step i of ``steps`` for n masks, n // steps and one
+  more on the first n % steps steps (they sum to n)."""
+  return n // steps + (i < n % steps).astype(jnp.int32)
+
+
 def check_knobs(steps: int, gen_length: int, block_length: int, remasking: str) -> int:
   """Returns the number of blocks; one-line errors for knobs the algorithm cannot take."""
   if gen_length < 1 or block_length < 1 or steps < 1:
@@ -95,7 +101,7 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_leng
     in_block = (pos >= start) & (pos < end)
     n = jnp.sum((state.x == mask_id) & in_block, axis=1).astype(jnp.int32)
     quota = jnp.where(i == 0, n, state.aux["quota"])
-    k = quota // per_block + (i < quota % per_block).astype(jnp.int32)  # [B]
+    k = quota_of(quota, i, per_block)  # [B]
     if cfg_scale > 0:
       un = jnp.where(state.aux["prompt_index"], mask_id, state.x)
       both, _ = denoiser(jnp.concatenate([state.x, un], 0), None,
