@@ -375,7 +375,10 @@ def test_one_line_file_peak_memory_is_bounded():
   small, big = _bench(4, "files,root"), _bench(16, "files,root")
   for path in ("files", "root"):
     assert big[path]["tokens"] > 3 * small[path]["tokens"]
-    slope = (big[path]["peak_mb"] - small[path]["peak_mb"]) / 12
+    # Each worker's growth over its own post-import baseline: the baselines alone
+    # move by ~5 MB between runs on a loaded machine (CI saw 269.5 vs 274.8 MB).
+    growth = [r["peak_mb"] - r["baseline_mb"] for r in (small[path], big[path])]
+    slope = (growth[1] - growth[0]) / 12
     assert slope < (0.75 if path == "files" else 4.0), (path, small[path], big[path])
     # Whatever the size, the peak stays within ~250 MB of the process after its imports.
     assert big[path]["peak_mb"] - big[path]["baseline_mb"] < 250, big[path]
