@@ -189,3 +189,90 @@ def test_bd3_stops_after_the_block_where_every_row_has_eos():
   assert cut.sequences.shape[1] == end < full.sequences.shape[1]
   np.testing.assert_array_equal(cut.sequences, full.sequences[:, :end])
   assert cut.token_ids[0] == first[:first.index(eos)]
+
+
+def test_ancestral_reveal_probabilities_telescope_to_the_schedule():
+  """MDLM eq. 7 on the grid t_i = 1 - i/T: a token still masked after step i has survived
+  prod (1 - (a_s - a_t) / (1 - a_t)) = (1 - alpha(s_i)) / (1 - alpha(1)); the last step
+  reveals everything."""
+  from dlm.processes import schedules
+  from dlm.sample import bd3
+  sched = schedules.make_schedule({"name": "cosine"})
+  T = 7
+  survive = 1.0
+  for i in range(T):
+    p = float(bd3.reveal_probability(sched.alpha, jnp.int32(i), T))
+    survive *= 1.0 - p
+    s = 1.0 - (i + 1) / T
+    want = (1.0 - float(sched.alpha(jnp.float32(s)))) / (1.0 - float(sched.alpha(jnp.float32(1.0))))
+    assert abs(survive - (want if i + 1 < T else 0.0)) < 1e-5, (i, survive, want)
+  lin = lambda t: 1.0 - t  # linear: 1 / (T - i)
+  for i in range(T):
+    assert abs(float(bd3.reveal_probability(lin, jnp.int32(i), T)) - 1 / (T - i)) < 1e-6
+
+
+def test_nucleus_is_the_references_inclusive_cut():
+  from dlm.sample import bd3
+  logits = jnp.log(jnp.asarray([[0.2, 0.5, 0.3, 1e-9]]))
+  kept = lambda p: np.isfinite(np.asarray(bd3.nucleus(logits, p)))[0].tolist()
+  assert kept(0.85) == [False, True, True, False]  # 0.5, 0.8 <= 0.85; 1.0 is not
+  assert kept(0.4) == [False, True, False, False]  # the most likely always stays
+  assert kept(1.0) == [True] * 4
+
+
+@pytest.mark.parametrize("first_hitting", [True, False])
+def test_ancestral_steps_with_cache_equal_them_without(first_hitting):
+  m = _lm(4)
+  prompt = np.array([[3, 4, 5, 6, 8, 9, 10, 11], [7, 7, 7, 7, 12, 13, 14, 15]])
+  am = np.array([[1] * 8, [0] * 4 + [1] * 4])
+  kw = dict(sampler="bd3", gen_length=12, algorithm="ancestral", first_hitting=first_hitting,
+            steps=10, nucleus_p=0.9, temperature=1.0, stop_at_eos=False, seed=3,
+            context_size=None)
+  a = m.generate(prompt, am, use_cache=True, **kw)
+  b = m.generate(prompt, am, use_cache=False, **kw)
+  np.testing.assert_array_equal(a.sequences, b.sequences)
+  # the same reveal order (the cached run's call numbers also count its cache passes)
+  np.testing.assert_array_equal(np.argsort(a.committed_at, 1, "stable"),
+                                np.argsort(b.committed_at, 1, "stable"))
+  assert not np.any(a.sequences == MASK)
+  at = a.committed_at[:, 8:].reshape(2, 3, 4)
+  if first_hitting:  # one token per pass, 4 passes per block whatever `steps`
+    assert b.nfe == 12 and a.nfe == 1 + 12 + 2
+    for blk in at:
+      assert all(len(set(r.tolist())) == 4 for r in blk)
+  else:  # 10 steps a block; a step that reveals nothing reuses the last call
+    assert b.nfe < 30 and a.nfe == b.nfe + 3
+  different = m.generate(prompt, am, use_cache=True, **dict(kw, seed=4))
+  assert not np.array_equal(different.sequences, a.sequences)
+
+
+def test_a_2x_context_generation_slides_a_bounded_cache():
+  """context_size=16 (the window a pass sees), prompt 8 + 24 generated = 2x: the cache holds
+  16 positions; until the window is full the tokens are the unwindowed ones; uncached,
+  each block is exactly the continuation of the last 12 tokens alone (the context slid)."""
+  from dlm.sample import bd3, engine
+  m = _lm(4)
+  prompt = np.array([[3, 4, 5, 6, 8, 9, 10, 11]])
+  kw = dict(sampler="bd3", gen_length=24, temperature=0.0, stop_at_eos=False, seed=0)
+  whole = m.generate(prompt, **kw, context_size=None)
+  slid = m.generate(prompt, **kw, context_size=16)
+  slid_uncached = m.generate(prompt, **kw, context_size=16, use_cache=False)
+  assert slid.sequences.shape == whole.sequences.shape == (1, 32)
+  np.testing.assert_array_equal(slid.sequences[:, :16], whole.sequences[:, :16])
+  np.testing.assert_array_equal(slid_uncached.sequences[:, :16], whole.sequences[:, :16])
+  seq = slid_uncached.sequences
+  for start in (16, 20, 24, 28):
+    alone = m.generate(seq[:, start - 12:start], **dict(kw, gen_length=4), use_cache=False)
+    np.testing.assert_array_equal(alone.sequences[:, 12:], seq[:, start:start + 4])
+  assert slid.nfe == 1 + 6 * 4 + 5
+  den = engine.denoiser_of_apply(m.sampling[1], m.sampling_params(), **engine._ids(m))
+  sampler = bd3.make(den, None, **dict(engine.check_knobs("bd3", bd3.make, dict(
+      gen_length=24, context_size=16))))
+  given, fixed, _ = engine.prompt_template(prompt.astype(np.int32), None, 24, MASK)
+  state = sampler.init(jax.random.key(0), jnp.asarray(given), jnp.asarray(fixed), None)
+  assert state.aux["cache"].k.shape[3] == 16  # bounded: not the 32 positions generated
+  from dlm.errors import UserError
+  with pytest.raises(UserError, match="context_size=6 must be a multiple of the block 4"):
+    m.generate(prompt, **kw, context_size=6)
+  with pytest.raises(UserError, match="algorithm='ddpm' unknown"):
+    m.generate(prompt, **kw, algorithm="ddpm")

@@ -77,6 +77,7 @@ class Denoiser:
   causal: bool = False  # an autoregressive model (causal attention): only the `ar` sampler
   pad_id: int | None = None
   block_size: int = 0  # a BD3-LM model's block (mask_kind "bd3"), else 0
+  context: int = 0  # the sequence length it was trained on (data.seq_len), 0 if unknown
 
   def __call__(self, x_t: Array, t: Array | None = None, **kw: Any) -> tuple[Array, Any]:
     """The denoiser contract (``Transformer.__call__``): keywords attention_mask, segment_ids,
@@ -224,7 +225,15 @@ def _ids(model: Any) -> dict[str, Any]:
               uses_t=bool(model.model_cfg.time_conditioning), eos_id=ids.get("eos"),
               eot_id=ids.get("eot"), shifted=bool(model.model_cfg.shift_logits),
               causal=model.model_cfg.mask_kind == "causal", pad_id=ids.get("pad"),
-              block_size=model.model_cfg.block_size if model.model_cfg.mask_kind == "bd3" else 0)
+              block_size=model.model_cfg.block_size if model.model_cfg.mask_kind == "bd3" else 0,
+              context=_context(model))
+
+
+def _context(model: Any) -> int:
+  """The training context (``config.data.seq_len``) of a workdir's model, else 0."""
+  data = model.config.get("data") if hasattr(model.config, "get") else None
+  seq_len = data.get("seq_len") if hasattr(data, "get") else None
+  return int(seq_len) if isinstance(seq_len, int) and seq_len > 0 else 0
 
 
 def default_sampler(model: Any) -> str:
