@@ -90,6 +90,9 @@ def main() -> None:
   ap.add_argument("--vocab", type=int, default=256)
   ap.add_argument("--gen", type=int, default=256)
   ap.add_argument("--batch", default="1,8")
+  ap.add_argument("--decoders", default="ar_cache,bd3_4,bd3_16,llada,fast_dllm_dual",
+                  help="which of ours to time (ar_cache is always timed: transformers'"
+                       " ratio is against it)")
   args = ap.parse_args()
   cfg, params = build(args.d_model, args.layers, args.vocab)
   n = transformer.count_params(params)
@@ -107,6 +110,10 @@ def main() -> None:
                          dict(sampler="fast_dllm", steps=args.gen, gen_length=args.gen,
                               block_length=32, threshold=0.9, use_cache="dual")),
   }
+  keep = set(args.decoders.split(",")) | {"ar_cache"}
+  if keep - set(runs):
+    raise SystemExit(f"--decoders: unknown {sorted(keep - set(runs))}; known: {sorted(runs)}")
+  runs = {k: v for k, v in runs.items() if k in keep}
   result = {"params": n, "gen": args.gen, "rows": {}}
   for b in map(int, args.batch.split(",")):
     prompt = np.random.default_rng(1).integers(3, 240, (b, PROMPT)).astype(np.int32)

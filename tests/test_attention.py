@@ -41,6 +41,8 @@ def _masks(case: str):
     s[0, 190:] = 2
     s[1, 7:] = 1
     seg = jnp.asarray(s)
+  elif case == "bd3":  # x_t (+) x_0 of 2 x 128 tokens, blocks of 16
+    kind, block = "bd3", 16
   elif case == "block_causal_segments_padding":
     kind, block = "block_causal", 64
     s = np.zeros((B, L), np.int32)
@@ -52,7 +54,7 @@ def _masks(case: str):
 
 
 CASES = ["bidirectional", "causal", "block_causal", "padding", "segments",
-         "block_causal_segments_padding"]
+         "block_causal_segments_padding", "bd3"]
 
 
 def _compare(case: str, kv_heads: int, mesh=None, rules=None):
@@ -92,6 +94,25 @@ def test_splash_matches_xla_forward_and_gradient(case):
 
 @pytest.mark.parametrize("case", ["causal", "padding"])
 def test_splash_gqa_matches_xla(case):
+  _compare(case, kv_heads=2)
+
+
+def test_splash_bd3_mask_skips_the_empty_tiles():
+  """x_0 never sees x_t: the kernel's block-sparsity table keeps only the tiles with an allowed
+  pair, so the x_0 -> x_t quarter is never computed (and, at 128-token tiles over 2 x 384,
+  the empty tiles of the block-diagonal and offset-causal parts either)."""
+  for length, kept in ((256, 3), (512, 3), (768, 3 + 6 + 6)):
+    blk = attention.splash_block("bd3", length)
+    n = length // blk
+    dense = attention.kind_mask("bd3", 16, length, length)
+    tiles = dense.reshape(n, blk, n, blk).any(axis=(1, 3))
+    assert tiles.sum() == kept < n * n, (length, tiles.astype(int))
+    kern = attention._splash_kernel("bd3", 16, length, 1, False, True)
+    assert np.count_nonzero(np.asarray(kern.fwd_mask_info.block_mask)) == kept
+
+
+@pytest.mark.parametrize("case", ["bd3"])
+def test_splash_gqa_bd3_matches_xla(case):
   _compare(case, kv_heads=2)
 
 

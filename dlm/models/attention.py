@@ -158,6 +158,14 @@ def _on_tpu() -> bool:
   return jax.default_backend() == "tpu"
 
 
+def splash_block(kind: str, length: int) -> int:
+  """The splash tile: 512 where it divides, else 128; for ``bd3`` a tile must also divide the
+  x_t half (n = length / 2), so that the x_0 -> x_t quarter (never attended) is whole tiles
+  the kernel skips."""
+  span = length // 2 if kind == "bd3" else length
+  return min(length, next((b for b in (512, 256) if span % b == 0), SPLASH_BLOCK))
+
+
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(kind: str, block_size: int, length: int, heads: int, mqa: bool,
                    interpret: bool):
@@ -169,7 +177,7 @@ def _splash_kernel(kind: str, block_size: int, length: int, heads: int, mqa: boo
     one = sm.CausalMask((length, length))
   else:
     one = sm.NumpyMask(kind_mask(kind, block_size, length, length))
-  blk = min(length, 512 if length % 512 == 0 else SPLASH_BLOCK)
+  blk = splash_block(kind, length)
   sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
                         block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
                         block_kv_dq=blk)
