@@ -1,7 +1,8 @@
 """Key/value cache of the denoiser, for samplers that re-run only part of the sequence.
 
 A cache holds every layer's keys and values *before RoPE* (as Fast-dLLM caches
-them), stacked on the layer axis and heads-major: k, v [layers, B, kv_heads, L, head_dim]
+them, so a key can move: Fast-dLLM's windows, BD3's sliding context), except a causal
+model's, whose keys never move: those are cached after RoPE (an AR step rotates one key), stacked on the layer axis and heads-major: k, v [layers, B, kv_heads, L, head_dim]
 (a window pass attends without transposing them).  A
 full forward with ``fill_cache=True`` fills it.  A forward over a window of W
 tokens at positions [start, start + W) (``cache=cache, cache_start=start``)
@@ -19,7 +20,7 @@ import jax
 
 @flax.struct.dataclass
 class KVCache:
-  k: jax.Array  # [layers, B, kv_heads, L, head_dim], pre-RoPE
+  k: jax.Array  # [layers, B, kv_heads, L, head_dim], pre-RoPE (post-RoPE if causal)
   v: jax.Array
 
   @property

@@ -137,7 +137,7 @@ class Attention(nnx.Module):
   def __call__(self, x: Array, positions: Array, masks: tuple[Array | None, Array | None],
                kv: tuple[Array, Array, Array] | None = None,
                rotations: tuple[Any, Any] | None = None) -> tuple[Array, Array, Array]:
-    """-> (output [B, W, D], this call's pre-RoPE keys, values [B, kv, W, H] (heads-major,
+    """-> (output [B, W, D], this call's keys (pre-RoPE; causal: post-RoPE), values [B, kv, W, H] (heads-major,
     as the cache holds them)).
 
     ``masks = (segment_ids, attention_mask)``, each [B, L] or None.  ``rotations``: the
@@ -153,19 +153,27 @@ class Attention(nnx.Module):
     k_new, v_new = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     q_rot, k_rot = (None, None) if rotations is None else rotations
     q = rope(q, positions, self.rope_theta, cos_sin=q_rot)
+    # A causal model's keys never move (an AR cache only grows): cached after RoPE, so a
+    # decoding step rotates its one new key, not all L cached ones (see cache.py).
+    rotated_cache = self.mask_kind == "causal"
     if kv is None:
       k = rope(k.astype(dt), positions, self.rope_theta, cos_sin=k_rot)
+      if rotated_cache:
+        k_new = jnp.swapaxes(k, 1, 2)
       segment_ids, attention_mask = masks
       out = attention.attend(q, k, v.astype(dt), backend=self.backend, kind=self.mask_kind,
                              block_size=self.block_size, segment_ids=segment_ids,
                              attention_mask=attention_mask)  # scale 1/sqrt(H)
     else:
       k_all, v_all, start = kv
+      if rotated_cache:  # the window's keys at the queries' positions
+        k_new = jnp.swapaxes(rope(k.astype(dt), positions, self.rope_theta, cos_sin=q_rot), 1, 2)
       k = jax.lax.dynamic_update_slice_in_dim(k_all, k_new.astype(k_all.dtype), start, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(v_all, v_new.astype(v_all.dtype), start, axis=2)
-      if k_rot is None:  # the cached keys sit at positions 0..L-1
-        k_rot = rotation_table(k.shape[2], self.head_dim, self.rope_theta)
-      k = rope(k.astype(dt), None, self.rope_theta, cos_sin=k_rot, heads_major=True)
+      if not rotated_cache:
+        if k_rot is None:  # the cached keys sit at positions 0..L-1
+          k_rot = rotation_table(k.shape[2], self.head_dim, self.rope_theta)
+        k = rope(k.astype(dt), None, self.rope_theta, cos_sin=k_rot, heads_major=True)
       out = attention.attend_cached(q, k, v.astype(dt), key_mask=masks[1], kind=self.mask_kind,
                                     block_size=self.block_size, q_offset=start)
     out = constrain(out, ("batch", "length", "heads", "kv"))
