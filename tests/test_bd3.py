@@ -90,7 +90,11 @@ def test_block_size_1_is_the_autoregressive_nll_of_the_same_weights(data):
   t = jnp.ones((3, L))  # every token masked; the weight -alpha'/(1 - alpha) is 1 at t = 1 (eps 0)
   x_t = jnp.full_like(x0, MASK)
   got = losses.bd3_block_nelbo(apply, params, proc, x0, x_t, t, 1)
-  _, cache = causal(params, x0, None, fill_cache=True)  # the clean prefix, causally
+  # the clean prefix's keys, causally, in the bd3 model's own (pre-RoPE) cache format: a
+  # window pass over x_0 at 0 under block_causal with blocks of 1 is causal attention
+  shape = jax.eval_shape(lambda: causal(params, x0, None, fill_cache=True)[1])
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shape)
+  _, cache = apply(params, x0, None, cache=zeros, cache_start=jnp.int32(0), fill_cache=True)
   nll = 0.0
   for l in range(L):  # [MASK] at l against the cached x_0[<l]: p(x_l | x_<l)
     logits, _ = apply(params, jnp.full((3, 1), MASK, jnp.int32), None, cache=cache,
