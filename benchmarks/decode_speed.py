@@ -3,6 +3,7 @@ cache) and masked diffusion (llada uncached, fast_dllm dual cache), and our AR d
 against Hugging Face ``transformers`` ``generate`` on the same Qwen2-shaped weights.
 
   python benchmarks/decode_speed.py [--d_model=768 --layers=12] [--gen=256] [--batch=1,8]
+                                    [--decoders=ar_cache,bd3_4,bd3_16,llada,fast_dllm_dual]
 
 Random weights (output head scaled to logit std ~5), a 16-token prompt, greedy, no early
 stop (tokens/s counts every generated position).  ``transformers`` (and torch) are optional:
