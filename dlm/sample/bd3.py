@@ -174,9 +174,10 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
     w = sizes(length)[1]
     full = start - aux["offset"] + 2 * bs > w
     aux = dict(aux, offset=aux["offset"] + jnp.where(full, bs, 0).astype(jnp.int32))
-    if "cache" in aux:
-      roll = lambda a: jnp.where(full, jnp.roll(a, -bs, axis=3), a)
-      aux["cache"] = jax.tree.map(roll, aux["cache"])
+    if "cache" in aux:  # rolled only when the window moves (a copy of the cache)
+      aux["cache"] = jax.lax.cond(
+          full, lambda c: jax.tree.map(lambda a: jnp.roll(a, -bs, axis=3), c), lambda c: c,
+          aux["cache"])
     return aux
 
   def prompt_pass(state: engine.State) -> engine.State:
@@ -201,13 +202,11 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
                          attention_mask=None if am is None else jnp.concatenate([am, am], 1))
     return jax.lax.dynamic_slice_in_dim(logits, start - state.aux["offset"], bs, axis=1)
 
-  def commit(state: engine.State, rng: Array, logits: Array, blk: Array, masked: Array
+  def commit(i: Array, n: Array, rng: Array, logits: Array, masked: Array
              ) -> tuple[Array, Array]:
-    """(tokens of the block, which positions this pass reveals)."""
-    i = state.aux["i"]
+    """(tokens of the block, which positions this pass reveals) at pass i of the block."""
     x0_rng, pick_rng = jax.random.split(rng)
     if not ancestral:
-      n = jnp.where(i == 0, jnp.sum(masked, axis=1).astype(jnp.int32), state.aux["n"])
       k = llada.quota_of(n, i, steps)
       scores = logits / temperature + cat.gumbel(x0_rng, logits.shape) if temperature > 0 \
           else logits
@@ -242,7 +241,10 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
     logits = jnp.where(jnp.arange(logits.shape[-1]) == mask_id, -jnp.inf, logits)
     blk = jax.lax.dynamic_slice_in_dim(state.x, start, bs, axis=1)
     masked = blk == mask_id
-    x0, transfer = commit(state, noise_rng, logits, blk, masked)
+    i = aux["i"]  # confidence: the block's masks at its first pass set the quota
+    n = aux["n"] if ancestral else jnp.where(i == 0, jnp.sum(masked, 1).astype(jnp.int32),
+                                             aux["n"])
+    x0, transfer = commit(i, n, noise_rng, logits, masked)
     blk = jnp.where(transfer, x0, blk)
     at = jnp.where(transfer, state.nfe + calls - 1,
                    jax.lax.dynamic_slice_in_dim(state.committed_at, start, bs, axis=1))
@@ -253,9 +255,6 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
     if stop_at_eos and eos_id is not None:  # every row has an EOS among its generated tokens
       gen = jnp.arange(x.shape[1]) >= x.shape[1] - gen_length
       stop = filled & jnp.all(jnp.any((x == eos_id) & gen & (committed_at >= 0), axis=1))
-    i = aux["i"]
-    n = aux["n"] if ancestral else jnp.where(i == 0, jnp.sum(masked, 1).astype(jnp.int32),
-                                             aux["n"])
     if "fresh" in aux:
       aux.update(logits=logits, fresh=jnp.any(transfer) | filled)
     aux.update(i=jnp.where(filled, 0, i + 1), n=n, stop=stop,
