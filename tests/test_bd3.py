@@ -274,7 +274,7 @@ def test_a_2x_context_generation_slides_a_bounded_cache():
       gen_length=24, context_size=16))))
   given, fixed, _ = engine.prompt_template(prompt.astype(np.int32), None, 24, MASK)
   state = sampler.init(jax.random.key(0), jnp.asarray(given), jnp.asarray(fixed), None)
-  assert state.aux["cache"].k.shape[3] == 16  # bounded: not the 32 positions generated
+  assert state.aux["cache"].length == 16  # bounded: not the 32 positions generated
   from dlm.errors import UserError
   with pytest.raises(UserError, match="context_size=6 must be a multiple of the block 4"):
     m.generate(prompt, **kw, context_size=6)

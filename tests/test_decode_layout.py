@@ -37,14 +37,22 @@ def test_decode_layout_computes_the_same_network(kw, monkeypatch):
 
   def outputs(apply, params):  # every kind of pass, in one compiled program
     logits, cache = apply(params, x, t, fill_cache=True)
-    out = (logits, apply(params, x, t, attention_mask=am)[0], cache.k, cache.v,
-           apply(params, x[:, 6:14], t, cache=cache, cache_start=jnp.int32(6))[0])
+    # a filling window pass over other tokens: the cache with them written in, in place
+    _, filled = apply(params, x[:, ::-1][:, 6:14], t, cache=cache, cache_start=jnp.int32(6),
+                      fill_cache=True)
+    full, filled = cache.stacked(), filled.stacked()  # decode layout: one buffer per layer
+    out = (logits, apply(params, x, t, attention_mask=am)[0], full.k, full.v, filled.k,
+           filled.v, apply(params, x[:, 6:14], t, cache=cache, cache_start=jnp.int32(6))[0])
     if cfg.pad_positions == "index":  # a padded window pass masks the cached pad keys
       out += (apply(params, x[:, 6:14], t, cache=cache, cache_start=jnp.int32(6),
                     attention_mask=am)[0],)
     return out
 
   want = jax.jit(lambda p: outputs(apply, p))(params)
+  full_k, filled_k = np.asarray(want[2]), np.asarray(want[4])  # [layers, B, kv, L, H]
+  outside = lambda a: np.delete(a, range(6, 14), 3)
+  np.testing.assert_array_equal(outside(filled_k), outside(full_k))
+  assert not np.allclose(filled_k[..., 6:14, :], full_k[..., 6:14, :])
   # passes of <= FEW_ROWS rows (all of these) run their matmuls as (w @ x.T).T; 0: row-major
   for few_rows in ((layers.FEW_ROWS, 0) if not kw else (layers.FEW_ROWS,)):
     monkeypatch.setattr(layers, "FEW_ROWS", few_rows)

@@ -137,15 +137,18 @@ class Attention(nnx.Module):
   def __call__(self, x: Array, positions: Array, masks: tuple[Array | None, Array | None],
                kv: tuple[Array, Array, Array] | None = None,
                rotations: tuple[Any, Any] | None = None) -> tuple[Array, Array, Array]:
-    """-> (output [B, W, D], this call's keys (pre-RoPE; causal: post-RoPE), values [B, kv, W, H] (heads-major,
-    as the cache holds them)).
+    """-> (output [B, W, D], keys (pre-RoPE; causal: post-RoPE), values, heads-major as the
+    cache holds them: this call's [B, kv, W, H]; with ``kv``, the cache's [B, kv, L, H] with
+    the window's written in).
 
     ``masks = (segment_ids, attention_mask)``, each [B, L] or None.  ``rotations``: the
     queries' and keys' ``rotation`` tables, computed once for all layers (decode layout).
 
     ``kv = (k_all, v_all, start)``: cached pre-RoPE keys/values [B, kv, L, H] of all L
     positions; x is the window [start, start + W), whose fresh keys replace
-    the cached ones, and whose queries attend to all L keys (see cache.py).
+    the cached ones, and whose queries attend to all L keys (see cache.py).  The window is
+    written into the cache before the cache is read: the buffer is then updated in place
+    (the old keys are read by nothing), where a write after the reads makes XLA copy it.
     """
     dt = self.dtype
     q, k, v = self._qkv(x)
@@ -170,6 +173,7 @@ class Attention(nnx.Module):
         k_new = jnp.swapaxes(rope(k.astype(dt), positions, self.rope_theta, cos_sin=q_rot), 1, 2)
       k = jax.lax.dynamic_update_slice_in_dim(k_all, k_new.astype(k_all.dtype), start, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(v_all, v_new.astype(v_all.dtype), start, axis=2)
+      k_new, v_new = k, v  # the cache with the window in
       if not rotated_cache:
         if k_rot is None:  # the cached keys sit at positions 0..L-1
           k_rot = rotation_table(k.shape[2], self.head_dim, self.rope_theta)

@@ -176,7 +176,8 @@ class Transformer(nnx.Module):
     ``segment_ids`` / ``positions`` [B, L]: packed rows.  KV cache (see cache.py):
     ``fill_cache=True`` returns this pass's KVCache; with ``cache`` and ``cache_start``,
     x_t is the window of tokens at [cache_start, cache_start + W) of the cached
-    sequence, and the cache comes back as given.  Otherwise the cache returned is None.
+    sequence, and the cache comes back as given, or with ``fill_cache=True`` with the
+    window's keys/values written in.  Otherwise the cache returned is None.
     """
     cfg = self.cfg
     chex.assert_rank(x_t, 2)
@@ -224,14 +225,14 @@ class Transformer(nnx.Module):
         x, k, v = block(x, positions, mask, c, kv, rotations)
         ks.append(k)
         vs.append(v)
-      new_cache = cache_lib.KVCache(k=jnp.stack(ks), v=jnp.stack(vs))
+      new_cache = cache_lib.KVCache(k=tuple(ks), v=tuple(vs))  # one buffer per layer
     elif cache is not None or fill_cache:
       def body_kv(block: Block, h: Array, layer_kv: Any) -> tuple[Array, tuple[Array, Array]]:
         kv = None if layer_kv is None else (layer_kv[0], layer_kv[1], cache_start)
         h, k, v = block(h, positions, mask, c, kv)
         return h, (k, v)
 
-      xs = None if cache is None else (cache.k, cache.v)
+      xs = None if cache is None else (lambda s: (s.k, s.v))(cache.stacked())
       x, (ks, vs) = nnx.scan(body_kv, in_axes=(0, nnx.Carry, 0),
                              out_axes=(nnx.Carry, 0))(self.blocks, x, xs)
       new_cache = cache_lib.KVCache(k=ks, v=vs)

@@ -93,10 +93,14 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int,
       raise UserError("sampler 'ar' needs a prompt of at least one token")
     x = jnp.where(fixed, given, pad)
     aux = dict(pos=jnp.int32(length - max_new_tokens), finished=jnp.zeros((b,), bool), am=am)
-    if use_cache:  # the cache of all L positions, filled by the prefill
-      _, c = jax.eval_shape(lambda x: denoiser(x, None, attention_mask=am, fill_cache=True), x)
-      aux["cache"] = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), c)
-    return engine.initial_state(rng, given, fixed, x, **aux)
+    state = engine.initial_state(rng, given, fixed, x, **aux)
+    if not use_cache:
+      return state
+    # The prefill runs here, before the loop: a ``cond`` between prefill and decode in the
+    # loop's step would copy the whole cache on every step (XLA gives a conditional's result
+    # its own buffer), which costs as much as the step's matmuls at batch 8.
+    logits, c = prefill(state)
+    return commit(state.replace(aux=dict(state.aux, cache=c)), logits)
 
   def prefill(state: engine.State) -> tuple[Array, Any]:
     """The prompt's pass: logits of its last position, and the cache of its keys/values."""
@@ -104,8 +108,9 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int,
     am = state.aux["am"]
     logits, c = denoiser(state.x[:, :p], None, raw_logits=True, fill_cache=True,
                          attention_mask=None if am is None else am[:, :p])
-    pad_l = [(0, 0)] * 3 + [(0, max_new_tokens), (0, 0)]
-    c = cache_lib.KVCache(k=jnp.pad(c.k, pad_l), v=jnp.pad(c.v, pad_l))
+    grow = lambda a, axis: jnp.pad(a, [(0, max_new_tokens) if d == axis else (0, 0)
+                                       for d in range(a.ndim)])
+    c = cache_lib.positions_map(c, grow)
     return logits[:, -1], c
 
   def decode(state: engine.State) -> tuple[Array, Any]:
@@ -114,19 +119,14 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int,
     pos = state.aux["pos"]
     c = state.aux["cache"]
     last = jax.lax.dynamic_slice_in_dim(state.x, pos - 1, 1, axis=1)
-    logits, win = denoiser(last, None, raw_logits=True, attention_mask=state.aux["am"], cache=c,
-                           cache_start=pos - 1, fill_cache=True)
-    return logits[:, 0], cache_lib.write(c, win, pos - 1)
+    logits, c = denoiser(last, None, raw_logits=True, attention_mask=state.aux["am"], cache=c,
+                         cache_start=pos - 1, fill_cache=True)
+    return logits[:, 0], c
 
-  def step(state: engine.State) -> engine.State:
+  def commit(state: engine.State, logits: Array) -> engine.State:
+    """The token at ``pos`` from the logits of position pos, written in (pad once finished)."""
     rng, draw_rng = jax.random.split(state.rng)
     pos = state.aux["pos"]
-    aux = dict(state.aux)
-    if use_cache:  # the cache comes back with this call's keys written in
-      logits, aux["cache"] = jax.lax.cond(state.nfe == 0, prefill, decode, state)
-    else:  # the whole prefix again; the causal mask hides what follows pos
-      logits, _ = denoiser(state.x, None, raw_logits=True, attention_mask=state.aux["am"])
-      logits = jax.lax.dynamic_slice_in_dim(logits, pos - 1, 1, axis=1)[:, 0]
     tok = next_token(logits, draw_rng, **warp)
     finished = state.aux["finished"]
     tok = jnp.where(finished, pad, tok)
@@ -135,8 +135,17 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int,
     col = jax.lax.dynamic_update_slice_in_dim
     x = col(state.x, tok[:, None], pos, axis=1)
     at = col(state.committed_at, jnp.broadcast_to(state.nfe, (x.shape[0], 1)), pos, axis=1)
-    aux.update(pos=pos + 1, finished=finished)
+    aux = dict(state.aux, pos=pos + 1, finished=finished)
     return state.replace(x=x, committed_at=at, nfe=state.nfe + 1, rng=rng, aux=aux)
+
+  def step(state: engine.State) -> engine.State:
+    if use_cache:  # the cache comes back with this call's keys written in
+      logits, c = decode(state)
+      return commit(state.replace(aux=dict(state.aux, cache=c)), logits)
+    # the whole prefix again; the causal mask hides what follows pos
+    logits, _ = denoiser(state.x, None, raw_logits=True, attention_mask=state.aux["am"])
+    pos = state.aux["pos"]
+    return commit(state, jax.lax.dynamic_slice_in_dim(logits, pos - 1, 1, axis=1)[:, 0])
 
   def done(state: engine.State) -> Array:
     return (state.aux["pos"] >= state.x.shape[1]) | jnp.all(state.aux["finished"])

@@ -141,11 +141,11 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
     aux = dict(block=jnp.int32(0), i=jnp.int32(0), n=jnp.zeros((b,), jnp.int32),
                phase=jnp.int32(PROMPT if use_cache else DENOISE), stop=jnp.bool_(False), am=am,
                offset=jnp.int32(offset))
-    if use_cache:  # [layers, B, kv, W, H]: a full pass over x_t (+) x_0 has 2W
+    if use_cache:  # W positions per layer: a full pass over x_t (+) x_0 has 2W
       _, c = jax.eval_shape(lambda x: denoiser(jnp.concatenate([x, x], 1), None,
                                                fill_cache=True), x[:, :w])
-      shape = lambda a: jnp.zeros(a.shape[:3] + (w,) + a.shape[4:], a.dtype)
-      aux["cache"] = jax.tree.map(shape, c)
+      shape = lambda a, axis: jnp.zeros(a.shape[:axis] + (w,) + a.shape[axis + 1:], a.dtype)
+      aux["cache"] = cache_lib.positions_map(c, shape)
     if ancestral and not hitting:  # the last pass's logits, reused while x does not change
       aux["logits"] = jnp.zeros((b, bs, denoiser.vocab_size), jnp.float32)
       aux["fresh"] = jnp.bool_(True)
@@ -164,9 +164,8 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
     c = state.aux["cache"]
     slot = jnp.asarray(start, jnp.int32) - state.aux["offset"]
     tokens = jax.lax.dynamic_slice_in_dim(state.x, start, width, axis=1)
-    logits, win = denoiser(tokens, None, attention_mask=window_mask(state), cache=c,
-                           cache_start=slot, fill_cache=True)
-    return logits, cache_lib.write(c, win, slot) if fill else c
+    return denoiser(tokens, None, attention_mask=window_mask(state), cache=c, cache_start=slot,
+                    fill_cache=fill)
 
   def slide(aux: dict, start: Array, length: int) -> dict:
     """After the block at ``start``: if the next block would not fit the window, the
@@ -176,7 +175,8 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
     aux = dict(aux, offset=aux["offset"] + jnp.where(full, bs, 0).astype(jnp.int32))
     if "cache" in aux:  # rolled only when the window moves (a copy of the cache)
       aux["cache"] = jax.lax.cond(
-          full, lambda c: jax.tree.map(lambda a: jnp.roll(a, -bs, axis=3), c), lambda c: c,
+          full, lambda c: cache_lib.positions_map(c, lambda a, axis: jnp.roll(a, -bs, axis)),
+          lambda c: c,
           aux["cache"])
     return aux
 
