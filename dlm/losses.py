@@ -135,7 +135,7 @@ def count_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   stratified over the batch.  Only for absorbing (masked) processes; a
   time-conditioned denoiser is given t = n / L.
   """
-  if not hasattr(process, "x0_logits"):
+  if not hasattr(process, "masked_nll"):
     raise ValueError("loss 'nelbo_count' needs an absorbing (masked) process; use 'nelbo'")
   x0, loss_mask = _tokens_and_mask(batch)
   b = x0.shape[0]
@@ -152,8 +152,8 @@ def count_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   x_t = jnp.where(masked, process.mask_id, x0)
   t = n / jnp.maximum(length, 1.0)
   logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
-  logp = common.gather_last(process.x0_logits(logits, x_t), x0)  # [B, L]
-  per_seq = (length / n) * jnp.sum(jnp.where(masked, -logp, 0.0), axis=-1)  # [B]
+  nll = process.masked_nll(logits, x0)  # [B, L]: -log p(x0 | x_t) where x_t is masked
+  per_seq = (length / n) * jnp.sum(jnp.where(masked, nll, 0.0), axis=-1)  # [B]
   return _per_token(jnp.where(length > 0, per_seq, 0.0), loss_mask)
 
 

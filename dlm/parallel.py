@@ -110,6 +110,15 @@ def active_mesh() -> tuple[Mesh, Rules] | None:
   return _ACTIVE.get()
 
 
+def platform() -> str:
+  """The platform a traced program runs on: the enclosing mesh's devices' (an AOT compile for
+  TPU from a CPU host traces under a TPU mesh), else the default backend's."""
+  active = _ACTIVE.get()
+  if active is not None:
+    return active[0].devices.flat[0].platform
+  return jax.default_backend()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside ``use_mesh``."""
   active = _ACTIVE.get()

@@ -28,4 +28,5 @@ def pod_model(c: ml_collections.ConfigDict, *, d_model: int, num_layers: int, nu
   c.model.mlp_dim = mlp_dim
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
+  c.model.scan_layers = True  # one compiled layer: compiles of deep models stay small on TPU
   c.model.attention = "splash"

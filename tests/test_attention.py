@@ -157,3 +157,27 @@ def test_bad_attention_config_is_one_line():
   q, k, v = _inputs(N)
   with pytest.raises(ValueError, match="multiple of 128"):
     attention.attend(q[:, :100], k[:, :100], v[:, :100], backend="splash")
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("case", CASES)
+def test_xla_backend_equals_dot_product_attention(case, kv_heads):
+  """The ``xla`` backend (normalized after the value product, heads grouped per kv head) is
+  ``jax.nn.dot_product_attention``'s math: forward and gradient, on every mask, MHA and GQA."""
+  q, k, v = _inputs(kv_heads, seed=3)
+  kind, block, seg, am, real = _masks(case)
+  mask = attention.dense_mask(kind, block, L, L, segment_ids=seg, attention_mask=am)
+  w = jnp.asarray(real, jnp.float32)[:, :, None, None] * jnp.cos(jnp.arange(H, dtype=jnp.float32))
+
+  def both(f):
+    loss = lambda q, k, v: jnp.sum(w * f(q, k, v))
+    return jax.jit(lambda q, k, v: (f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(
+        q, k, v)
+
+  out, grads = both(lambda q, k, v: attention.attend(q, k, v, kind=kind, block_size=block,
+                                                     segment_ids=seg, attention_mask=am))
+  ref_out, ref_grads = both(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))
+  real = np.asarray(real)
+  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref_out)[real], atol=1e-5, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-5)

@@ -44,6 +44,11 @@ class ModelConfig:
   cond_dim: int = 128
   dtype: str = "float32"
   remat: str = "none"
+  # MaxText's scan_layers: True runs the layers under one scan (one layer compiled: small,
+  # fast compiles of deep models); False unrolls them (no stacked activations for the
+  # backward: faster steps where compiling is cheap).  Parameters are stacked either way,
+  # so checkpoints are the same.
+  scan_layers: bool = True
   # Options that make public checkpoints configurations of this one model (see dlm/convert/):
   num_kv_heads: int | None = None  # grouped-query attention when < num_heads
   qkv_bias: bool = False  # Qwen2 / Dream
@@ -216,7 +221,7 @@ class Transformer(nnx.Module):
       c = self.time_embed(jnp.broadcast_to(t, (b,)))
 
     def body(block: Block, h: Array) -> Array:
-      return block(h, positions, mask, c)[0]
+      return block(h, positions, mask, c, None, rotations)[0]
 
     if self.decode:
       ks, vs = [], []
@@ -241,7 +246,12 @@ class Transformer(nnx.Module):
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
                   else None)
         body = nnx.remat(body, policy=policy)
-      x = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, x)
+      if cfg.scan_layers:
+        x = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, x)
+      else:  # the same stacked parameters, layer i sliced out: a Python loop in the program
+        graphdef, stacked = nnx.split(self.blocks)
+        for i in range(cfg.num_layers):
+          x = body(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)), x)
       new_cache = None
 
     h = self.final_norm(x)
@@ -252,9 +262,9 @@ class Transformer(nnx.Module):
       w = self.embed if self.head is None else self.head
       logits = layers.dense(h, w[...].astype(cfg.compute_dtype))
     elif self.head is None:
-      logits = jnp.einsum("bld,vd->blv", h, self.embed[...].astype(cfg.compute_dtype))
+      logits = layers.matmul(h, self.embed[...].astype(cfg.compute_dtype).T)
     else:
-      logits = jnp.einsum("bld,dv->blv", h, self.head[...].astype(cfg.compute_dtype))
+      logits = layers.matmul(h, self.head[...].astype(cfg.compute_dtype))
     if cfg.shift_logits and not raw_logits:
       logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -52,9 +52,8 @@ class AutoregressiveProcess:
     """sum_{l >= 1, counted} -log softmax(logits_l)[x0_l] per sequence, nats [B]; logits_l is
     the (shifted) prediction of token l from x_<l."""
     common.check_logits(logits, x0, self.vocab_size)
-    logp = common.gather_last(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), x0)
     counted = (common.loss_mask_or_ones(loss_mask, x0) > 0) & (jnp.arange(x0.shape[1]) > 0)
-    return jnp.sum(jnp.where(counted, -logp, 0.0), axis=-1)
+    return jnp.sum(jnp.where(counted, common.nll_at(logits, x0), 0.0), axis=-1)
 
   def nelbo(self, logits: Array, x0: Array, x_t: Array, t: Array,
             loss_mask: Array | None = None) -> Array:

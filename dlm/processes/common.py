@@ -98,6 +98,18 @@ def check_logits(logits: Array, x: Array, vocab_size: int) -> None:
   chex.assert_axis_dimension(logits, 2, vocab_size)
 
 
+def nll_at(logits: Array, x0: Array, exclude: int | None = None) -> Array:
+  """-log softmax(logits)[x0] per position, [B, L, V], [B, L] -> [B, L] float32, as
+  logsumexp(logits) - logits[x0]: one reduction over V, no [B, L, V] log-probabilities kept
+  for the backward (its gradient is softmax - onehot).  ``exclude``: a column left out of the
+  softmax (the mask token's, MDLM's zero-masking); x0 is never that column."""
+  logits = logits.astype(jnp.float32)
+  target = gather_last(logits, x0)
+  if exclude is not None:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) == exclude, -jnp.inf, logits)
+  return jax.nn.logsumexp(logits, axis=-1) - target
+
+
 def gather_last(x: Array, idx: Array) -> Array:
   """x[..., idx] per position: [B, L, V], [B, L] -> [B, L]."""
   return jnp.take_along_axis(x, idx[..., None], axis=-1)[..., 0]

@@ -151,9 +151,14 @@ class MaskedProcess:
   def _masked_nll(self, logits: Array, x0: Array, x_t: Array,
                   loss_mask: Array | None) -> Array:
     """sum over counted masked positions of -log p(x0_l | x_t): [B]."""
-    logp = common.gather_last(self.x0_logits(logits, x_t), x0)  # [B, L]
     counted = self._is_masked(x_t) & (common.loss_mask_or_ones(loss_mask, x0) > 0)
-    return jnp.sum(jnp.where(counted, -logp, 0.0), axis=-1)
+    return jnp.sum(jnp.where(counted, self.masked_nll(logits, x0), 0.0), axis=-1)
+
+  def masked_nll(self, logits: Array, x0: Array) -> Array:
+    """-log p(x0_l | x_t) [B, L] where x_t is masked: the SUBS log-probability of
+    ``x0_logits`` at x0 (mask column excluded), without its [B, L, V] arrays."""
+    common.check_logits(logits, x0, self.vocab_size)
+    return common.nll_at(logits, x0, exclude=self.mask_id)
 
   def _check(self, logits: Array, x0: Array, x_t: Array, t: Array) -> None:
     common.check_tokens_and_times(x0, t)

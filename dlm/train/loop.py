@@ -20,7 +20,7 @@ from dlm.errors import UserError
 from dlm.eval import elbo
 from dlm.models import loader, transformer
 from dlm import checkpoint
-from dlm.train import metrics as metrics_lib, optim, preemption
+from dlm.train import metrics as metrics_lib, mfu, optim, preemption
 from dlm.train import state as state_lib, step as step_lib
 
 # Config entries that fix the shapes of what is saved in a workdir.
@@ -34,13 +34,15 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
 
 
 def _model_fields(model: Any) -> Any:
-  """config.model with defaults filled in, without the kernel choice (any kernel resumes a run)."""
+  """config.model with defaults filled in, without the execution choices (kernel, scanned or
+  unrolled layers, remat: any of them resumes a run)."""
   if not isinstance(model, dict):
     return model
   defaults = {f.name: f.default for f in dataclasses.fields(transformer.ModelConfig)
               if f.default is not dataclasses.MISSING}
   out = {**defaults, **model}
-  out.pop("attention", None)
+  for how in ("attention", "scan_layers", "remat"):  # how it runs, not what is saved
+    out.pop(how, None)
   return out
 
 
@@ -184,6 +186,9 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     value = tc[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise UserError(f"train.{key}={value!r} must be an integer >= 1; fix --config.train.{key}")
+  profile_range(tc.get("profile_steps", ""))
+  if not float(tc.get("peak_flops", 0.0) or 0.0) >= 0:
+    raise UserError(f"train.peak_flops={tc.peak_flops!r} must be >= 0 (0 = measure a matmul)")
   if not float(tc.get("time_limit_s", 0.0)) >= 0:
     raise UserError(f"train.time_limit_s={tc.time_limit_s!r} must be >= 0 (0 = no limit)")
   seq_len = config.data.get("seq_len")
@@ -282,6 +287,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   writer = metrics_lib.MetricsWriter(workdir)
   tokens_per_step = tc.batch_size * config.data.seq_len
+  flops_per_step = mfu.flops_per_step(model_cfg, transformer.count_params(state.params),
+                                      tc.batch_size, config.data.seq_len)
+  peak = mfu.peak_flops(float(tc.get("peak_flops", 0.0) or 0.0))
+  profile = profile_range(tc.get("profile_steps", ""))
+  data_s = 0.0  # host seconds spent waiting for batches since the last log
   bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train", unit="step",
              dynamic_ncols=True)
   t_start, t_last, last_step = time.time(), time.time(), start
@@ -295,8 +305,18 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   try:
     with preemption.StopRequest() as stop:
       while step < total_steps:
+        if profile and step + 1 == profile[0]:
+          jax.profiler.start_trace(str(workdir / "profile"))
+        t_data = time.perf_counter()
         batch = put(next(it))
+        data_s += time.perf_counter() - t_data
         state, m = train_step(state, batch)
+        if profile and step + 1 == profile[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          if is_main:
+            bar.write(f"steps {profile[0]}..{profile[1]} profiled: tensorboard --logdir"
+                      f" {workdir / 'profile'} (Profile tab)")
         if step == start:
           jax.block_until_ready(state.step)  # compiled and run once: now watch for hangs
           watchdog.start()
@@ -310,11 +330,17 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         if step % tc.log_every == 0 or step == total_steps:
           m = jax.device_get(m)
           now = time.time()
-          m["tokens_per_s"] = tokens_per_step * (step - last_step) / max(now - t_last, 1e-9)
-          t_last, last_step = now, step
-          writer.write(step, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s",
-                                                "nonfinite_total")})
-          bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+          n_steps = step - last_step
+          m["step_s"] = max(now - t_last, 1e-9) / n_steps  # wall time per step, data included
+          m["data_s"] = data_s / n_steps  # of which waiting for the batch
+          m["tokens_per_s"] = tokens_per_step / m["step_s"]
+          m["mfu"] = flops_per_step / m["step_s"] / peak
+          t_last, last_step, data_s = now, step, 0.0
+          writer.write(step, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu",
+                                                "step_s", "data_s", "nonfinite_total")})
+          bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
+                          mfu=f"{m['mfu']:.1%}", step=f"{m['step_s'] * 1e3:.0f}ms",
+                          data=f"{m['data_s'] * 1e3:.0f}ms")
           last = m
         val_loss = None
         if step % tc.eval_every == 0 or step == total_steps:
@@ -350,6 +376,21 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             "train_seconds": time.time() - t_start, "stopped_early": bool(stop_reason),
             "stop_reason": stop_reason, "nonfinite_total": int(jax.device_get(state.nonfinite_total))}
   return result
+
+
+def profile_range(spec: Any) -> tuple[int, int] | None:
+  """``train.profile_steps="a:b"`` -> (a, b): a ``jax.profiler`` trace of steps a..b (1-based,
+  as the progress bar counts them); empty -> None."""
+  if spec in (None, ""):
+    return None
+  a, sep, b = str(spec).partition(":")
+  try:
+    lo, hi = int(a), int(b)
+  except ValueError:
+    lo = hi = 0
+  if not sep or lo < 1 or hi < lo:
+    raise UserError(f"train.profile_steps={spec!r}: need 'a:b' with 1 <= a <= b (e.g. '10:12')")
+  return lo, hi
 
 
 def _check_nonfinite(step: int, streak: jax.Array, *, max_bad: int, bar: Any, save: Any,

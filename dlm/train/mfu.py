@@ -1,0 +1,54 @@
+"""Model FLOPs utilization: a step's model FLOPs over its time and the devices' peak.
+
+MFU = model FLOPs per step / step seconds / peak FLOP/s (PaLM, Chowdhery et al. 2022,
+App. B): 6 N per token for the matmul parameters (forward 2 N, backward 4 N; the embedding
+lookup is not a matmul) plus attention's scores and values, 12 L d per layer per token. The peak
+is ``train.peak_flops`` when given, else a float32 matmul measured once on this machine
+(what ``benchmarks/train_step.py`` measures in the same run).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from dlm.models import transformer
+
+
+def flops_per_step(model_cfg: transformer.ModelConfig, n_params: int, batch: int,
+                   seq_len: int) -> float:
+  """Model FLOPs of one training step over ``batch`` rows of ``seq_len`` tokens.  A BD3-LM
+  pass runs over x_t (+) x_0, twice the tokens."""
+  tokens = 2 * seq_len if model_cfg.mask_kind == "bd3" else seq_len
+  n_matmul = n_params - model_cfg.vocab_size * model_cfg.d_model  # minus the lookup table
+  if model_cfg.tie_embeddings:  # the table is the output head too
+    n_matmul += model_cfg.vocab_size * model_cfg.d_model
+  attention = 12 * model_cfg.num_layers * tokens * model_cfg.num_heads * model_cfg.hd
+  return float(batch * tokens * (6 * n_matmul + attention))
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+  """FLOP/s of a square float32 matmul on the default device, best of ``reps`` (measured once
+  per process)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops(configured: float = 0.0) -> float:
+  """The peak FLOP/s MFU is taken against: ``configured`` (> 0), else one device's measured
+  float32 matmul peak times the devices (CPU devices share the host's cores: one peak)."""
+  if configured and configured > 0:
+    return float(configured)
+  devices = 1 if jax.default_backend() == "cpu" else jax.device_count()
+  return matmul_peak() * devices
