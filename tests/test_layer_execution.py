@@ -116,3 +116,51 @@ def test_bad_profile_steps_is_one_line(tmp_path, monkeypatch, spec):
   with pytest.raises(UserError, match="train.profile_steps"):
     loop.train(config, tmp_path)
   assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def _curve(dtype: str, steps: int = 30) -> tuple[list[float], set]:
+  """Losses of ``steps`` AdamW steps from the same init on the same batches (a learnable
+  pattern: each row counts up from a random start), and the parameters' dtypes."""
+  from dlm.train import optim, state as state_lib, step as step_lib  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+  cfg = transformer.ModelConfig(vocab_size=V, d_model=64, num_layers=2, num_heads=4, mlp_dim=128,
+                                dtype=dtype, scan_layers=False)
+  graphdef, _ = nnx.split(transformer.init_model(cfg, 0))
+  proc = processes.make_process({"name": "masked", "schedule": {"name": "linear"}},
+                                vocab_size=V, mask_id=V - 1)
+  loss_fn = functools.partial(losses.get_loss("nelbo_count"),
+                              model=transformer.apply_fn(graphdef), process=proc,
+                              config={"antithetic": True})
+  ocfg = ml_collections.ConfigDict(dict(name="adamw", lr=3e-3, warmup_steps=5, final_lr_frac=0.1,
+                                        b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+                                        clip_norm=1.0))
+  tx = optim.make_optimizer(ocfg, steps)
+  state = state_lib.from_params(nnx.to_pure_dict(nnx.state(transformer.init_model(cfg, 0))), tx,
+                                0, ema=False)
+  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
+                                   lr_fn=optim.learning_rate(ocfg, steps)))
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(steps):
+    start = rng.integers(0, V - 1, (16, 1))
+    tokens = (start + np.arange(L)) % (V - 1)
+    state, m = step(state, {"tokens": jnp.asarray(tokens, jnp.int32)})
+    out.append(float(m["loss"]))
+  return out, {a.dtype for a in jax.tree.leaves(state.params)}
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_and_the_float32_curve():
+  f32, dtypes32 = _curve("float32")
+  bf16, dtypes16 = _curve("bfloat16")
+  assert dtypes32 == dtypes16 == {jnp.dtype(jnp.float32)}  # master weights stay float32
+  assert bf16[-1] < 0.8 * bf16[0]  # it learns the pattern
+  np.testing.assert_allclose(bf16, f32, rtol=0.03)  # and follows the float32 curve
+
+
+def test_tpu_chips_are_known_by_their_device_kind():
+  assert mfu.tpu_chip_peak("TPU v5p") == mfu.tpu_chip_peak("TPU v5") == 459e12
+  assert mfu.tpu_chip_peak("TPU v5 lite") == 197e12
+  assert mfu.tpu_chip_peak("TPU v6 lite") == 918e12
+  assert mfu.tpu_chip_peak("TPU v4") == 275e12
+  assert mfu.tpu_chip_peak("cpu") is None
+  assert mfu.peak_flops(123.0) == 123.0

@@ -3,8 +3,9 @@
 MFU = model FLOPs per step / step seconds / peak FLOP/s (PaLM, Chowdhery et al. 2022,
 App. B): 6 N per token for the matmul parameters (forward 2 N, backward 4 N; the embedding
 lookup is not a matmul) plus attention's scores and values, 12 L d per layer per token. The peak
-is ``train.peak_flops`` when given, else a float32 matmul measured once on this machine
-(what ``benchmarks/train_step.py`` measures in the same run).
+is ``train.peak_flops`` when given, on TPU the chips' published bf16 peak, else a float32
+matmul measured once on this machine (what ``benchmarks/train_step.py`` measures in the same
+run).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from dlm.compile import topology
 from dlm.models import transformer
 
 
@@ -33,7 +35,12 @@ def flops_per_step(model_cfg: transformer.ModelConfig, n_params: int, batch: int
 @functools.lru_cache(maxsize=None)
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
   """FLOP/s of a square float32 matmul on the default device, best of ``reps`` (measured once
-  per process)."""
+  per process: ``measure_matmul`` measures again)."""
+  return measure_matmul(n, reps)
+
+
+def measure_matmul(n: int = 2048, reps: int = 10) -> float:
+  """FLOP/s of a square float32 matmul on the default device, best of ``reps``."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
@@ -45,10 +52,23 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
   return 2.0 * n ** 3 / best
 
 
+def tpu_chip_peak(device_kind: str) -> float | None:
+  """A TPU chip's published peak bf16 FLOP/s from its ``device_kind`` ("TPU v5p",
+  "TPU v5 lite", "TPU v6 lite", "TPU v4"), or None for another device."""
+  kind = device_kind.lower().replace("tpu", "").replace(" ", "")
+  name = {"v5": "v5p"}.get(kind) or topology.ALIASES.get(kind, kind)  # JAX: v5p is "TPU v5"
+  chip = topology.CHIPS.get(name)
+  return None if chip is None else chip.peak_bf16_flops
+
+
 def peak_flops(configured: float = 0.0) -> float:
-  """The peak FLOP/s MFU is taken against: ``configured`` (> 0), else one device's measured
-  float32 matmul peak times the devices (CPU devices share the host's cores: one peak)."""
+  """The peak FLOP/s MFU is taken against: ``configured`` (> 0); on TPU the chips' published
+  bf16 peak; else one device's measured float32 matmul peak times the devices (CPU devices
+  share the host's cores: one peak)."""
   if configured and configured > 0:
     return float(configured)
+  chip = tpu_chip_peak(jax.devices()[0].device_kind)
+  if jax.default_backend() == "tpu" and chip is not None:
+    return chip * jax.device_count()
   devices = 1 if jax.default_backend() == "cpu" else jax.device_count()
   return matmul_peak() * devices
