@@ -102,10 +102,12 @@ def test_profile_mfu_and_resume_across_scanned_and_unrolled(tmp_path, monkeypatc
   traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
   assert traces and all(p.stat().st_size > 0 for p in traces)  # TensorBoard's profile plugin
   # the same run goes on with unrolled layers: the checkpoint is the same stacked parameters
-  config, loop = _smoke(tmp_path, steps=5)
+  # (profiling from step 4 to 9 of a run that ends at 5: the trace is closed at the end)
+  config, loop = _smoke(tmp_path, steps=5, profile_steps="4:9")
   config.model.scan_layers = False
   result = loop.train(config, tmp_path)
   assert result["step"] == 5
+  assert len(list((tmp_path / "profile").rglob("*.xplane.pb"))) > len(traces)
   assert [r["step"] for r in metrics.read_metrics(tmp_path) if "mfu" in r][-2:] == [4, 5]
 
 

@@ -292,6 +292,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   peak = mfu.peak_flops(float(tc.get("peak_flops", 0.0) or 0.0))
   profile = profile_range(tc.get("profile_steps", ""))
   data_s = 0.0  # host seconds spent waiting for batches since the last log
+  profiling = False  # a run resumed inside the range does not profile it
   bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train", unit="step",
              dynamic_ncols=True)
   t_start, t_last, last_step = time.time(), time.time(), start
@@ -307,13 +308,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       while step < total_steps:
         if profile and step + 1 == profile[0]:
           jax.profiler.start_trace(str(workdir / "profile"))
+          profiling = True
         t_data = time.perf_counter()
         batch = put(next(it))
         data_s += time.perf_counter() - t_data
         state, m = train_step(state, batch)
-        if profile and step + 1 == profile[1]:
+        if profiling and step + 1 == profile[1]:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
+          profiling = False
           if is_main:
             bar.write(f"steps {profile[0]}..{profile[1]} profiled: tensorboard --logdir"
                       f" {workdir / 'profile'} (Profile tab)")
@@ -368,6 +371,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         _check_nonfinite(*pending, max_bad=max_bad, bar=bar if is_main else None,
                          save=lambda: True, step_now=step)
   finally:
+    if profiling:  # stopped inside the range: the trace of the steps run
+      jax.profiler.stop_trace()
     bar.close()
     checkpoint.close(mngr)
     watchdog.stop()
