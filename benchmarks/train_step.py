@@ -53,7 +53,7 @@ def measure(cfg, steps: int, vocab: int = 0) -> dict:
   batch = parallel.global_batch({"tokens": rng.integers(0, vocab - 1, (b, l)).astype(np.int32)},
                                 mesh, rules)
   n_params = transformer.count_params(state.params)
-  flops_model = mfu.flops_per_step(model_cfg, n_params, b, l)  # what the train loop reports
+  flops_model = mfu.train_flops(model_cfg, n_params, b, l)  # what the train loop reports
   state, m = step(state, batch)  # compile + warm-up
   jax.block_until_ready(m)
   times = []

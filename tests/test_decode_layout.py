@@ -53,6 +53,11 @@ def test_decode_layout_computes_the_same_network(kw, monkeypatch):
   outside = lambda a: np.delete(a, range(6, 14), 3)
   np.testing.assert_array_equal(outside(filled_k), outside(full_k))
   assert not np.allclose(filled_k[..., 6:14, :], full_k[..., 6:14, :])
+  # layer 0's keys depend on their own token and position only: those of a full pass over the
+  # sequence with the window's tokens in it
+  x_in = x.at[:, 6:14].set(x[:, ::-1][:, 6:14])
+  ref = np.asarray(apply(params, x_in, t, fill_cache=True)[1].stacked().k)
+  np.testing.assert_allclose(filled_k[0, ..., 6:14, :], ref[0, ..., 6:14, :], atol=1e-5, rtol=0)
   # passes of <= FEW_ROWS rows (all of these) run their matmuls as (w @ x.T).T; 0: row-major
   for few_rows in ((layers.FEW_ROWS, 0) if not kw else (layers.FEW_ROWS,)):
     monkeypatch.setattr(layers, "FEW_ROWS", few_rows)

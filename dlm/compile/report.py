@@ -31,6 +31,7 @@ from dlm.compile import topology
 from dlm.data import inputs, tokenizer as tokenizer_lib
 from dlm.errors import UserError
 from dlm.models import transformer
+from dlm.train import mfu
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
@@ -43,26 +44,6 @@ def _model(config: ml_collections.ConfigDict) -> tuple[transformer.ModelConfig, 
   process = processes.make_process(config.process, vocab_size=vocab,
                                    mask_id=tokenizer_lib.MASK_ID)
   return model_cfg, process
-
-
-def matmul_params(model_cfg: transformer.ModelConfig, n_params: int) -> int:
-  """Parameters that multiply activations (the untied embedding table is only gathered)."""
-  return n_params if model_cfg.tie_embeddings else n_params - model_cfg.vocab_size * model_cfg.d_model
-
-
-def train_flops(model_cfg: transformer.ModelConfig, n_params: int, batch: int, seq_len: int) -> float:
-  """6 N per token (forward + backward) + 12 n_layer L d_attn per token for attention scores."""
-  tokens = batch * seq_len
-  d_attn = model_cfg.num_heads * model_cfg.hd
-  return 6.0 * matmul_params(model_cfg, n_params) * tokens + (
-      12.0 * model_cfg.num_layers * seq_len * d_attn * tokens)
-
-
-def forward_flops(model_cfg: transformer.ModelConfig, n_params: int, batch: int, seq_len: int) -> float:
-  tokens = batch * seq_len
-  d_attn = model_cfg.num_heads * model_cfg.hd
-  return 2.0 * matmul_params(model_cfg, n_params) * tokens + (
-      4.0 * model_cfg.num_layers * seq_len * d_attn * tokens)
 
 
 def _abstract(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.ShapeDtypeStruct:
@@ -82,7 +63,7 @@ def lower_train(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
   batch = {k: _abstract((b, l), jnp.float32 if k == "loss_mask" else jnp.int32, row) for k in keys}
   n = transformer.count_params(abstract.params)
   figures = {"params": n, "batch": b, "seq_len": l, "tokens_per_step": b * l,
-             "model_flops_per_step": train_flops(model_cfg, n, b, l)}
+             "model_flops_per_step": mfu.train_flops(model_cfg, n, b, l)}
   figures["input_bytes"] = parallel.bytes_per_device((abstract, batch))
   return step.lower(abstract, batch), figures
 
@@ -128,7 +109,7 @@ def lower_sample(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
              "gen_length": gen, "steps": steps, "sampler": name, "knobs": full,
              "param_dtype": str(jnp.dtype(model_cfg.compute_dtype)),
              "tokens_per_step": b * gen / steps,
-             "model_flops_per_step": forward_flops(model_cfg, n, b, l)}
+             "model_flops_per_step": mfu.forward_flops(model_cfg, n, b, l)}
   figures["input_bytes"] = parallel.bytes_per_device((params, given, fixed))
   return fn.lower(params, rng, given, fixed, None), figures
 

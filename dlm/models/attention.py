@@ -12,8 +12,8 @@ L is bidirectional) or ``bd3``: BD3-LM's training mask over x_t (+) x_0, 2L toke
 x_0 is block-causal (M_BC); x_0 never sees x_t.  A KV-cached window pass of a ``bd3``
 model (sampling: the noisy block against the cached clean ones) is ``block_causal``.
 
-- ``xla``: einsum, softmax, einsum with a dense boolean mask (``jax.nn.dot_product_attention``'s
-  XLA formula, leaner); any device.
+- ``xla``: two heads-major batched matmuls with a dense boolean mask, normalized after the
+  value product (``jax.nn.dot_product_attention``'s math, leaner on XLA:CPU); any device.
 - ``cudnn``: the same call with ``implementation="cudnn"`` (NVIDIA GPUs; fused flash attention).
 - ``splash``: the Pallas TPU splash-attention kernel (block-sparse flash attention).  The kind
   is a static block mask; segments and padding become segment ids (a pad key gets segment 0,
@@ -124,8 +124,8 @@ def _xla(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
   pass over the scores fewer than a softmax).  A kv head's G query heads are one query axis
   of G * Lq rows, so every product is a 4-D batched matmul over (batch, kv head), with no
   repeated keys (XLA:CPU's gradient of a 5-D grouped product is ~1.5x slower).  On XLA:CPU
-  this is faster forward and backward than ``jax.nn.dot_product_attention`` at the
-  quickstart's shapes (tests/test_attention.py checks they agree)."""
+  this is faster forward and backward than ``jax.nn.dot_product_attention`` at
+  benchmarks/train_step.py's shapes (tests/test_attention.py checks they agree)."""
   b, lq, n, h = q.shape
   lk, kv = k.shape[1], k.shape[2]
   g = n // kv
@@ -180,10 +180,7 @@ def attend_cached(q: Array, k: Array, v: Array, key_mask: Array | None = None, *
 # --- splash (Pallas TPU) ---
 
 def _on_tpu() -> bool:
-  active = parallel.active_mesh()
-  if active is not None:
-    return active[0].devices.flat[0].platform == "tpu"
-  return jax.default_backend() == "tpu"
+  return parallel.platform() == "tpu"
 
 
 def splash_block(kind: str, length: int) -> int:

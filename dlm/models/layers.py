@@ -54,7 +54,7 @@ def matmul(x: Array, w: Array, contract: int = 1) -> Array:
   On XLA:CPU as one 2-D GEMM, the leading axes flattened into rows: XLA:CPU lowers the
   gradient of a 3-D product such as [32, 256, 192] @ [192, 4096] through a transposed copy
   of the cotangent and a slow dot (446 ms, against 105 ms flattened, on this 2-core CPU).
-  Other platforms keep the einsum (their sharded layouts are chosen by the compiler).
+  Other platforms keep ``tensordot`` (their sharded layouts are chosen by the compiler).
   """
   if parallel.platform() != "cpu":
     return jnp.tensordot(x, w, axes=contract)
@@ -160,9 +160,9 @@ class Attention(nnx.Module):
     ``masks = (segment_ids, attention_mask)``, each [B, L] or None.  ``rotations``: the
     queries' and keys' ``rotation`` tables, computed once for all layers (decode layout).
 
-    ``kv = (k_all, v_all, start)``: cached pre-RoPE keys/values [B, kv, L, H] of all L
-    positions; x is the window [start, start + W), whose fresh keys replace
-    the cached ones, and whose queries attend to all L keys (see cache.py).  The window is
+    ``kv = (k_all, v_all, start)``: cached keys (pre-RoPE; causal: post-RoPE) and values
+    [B, kv, L, H] of all L positions; x is the window [start, start + W), whose fresh keys
+    replace the cached ones, and whose queries attend to all L keys (see cache.py).  The window is
     written into the cache before the cache is read: the buffer is then updated in place
     (the old keys are read by nothing), where a write after the reads makes XLA copy it.
     """

@@ -221,7 +221,7 @@ class Transformer(nnx.Module):
       c = self.time_embed(jnp.broadcast_to(t, (b,)))
 
     def body(block: Block, h: Array) -> Array:
-      return block(h, positions, mask, c, None, rotations)[0]
+      return block(h, positions, mask, c)[0]
 
     if self.decode:
       ks, vs = [], []
@@ -237,7 +237,8 @@ class Transformer(nnx.Module):
         h, k, v = block(h, positions, mask, c, kv)
         return h, (k, v)
 
-      xs = None if cache is None else (lambda s: (s.k, s.v))(cache.stacked())
+      stacked = None if cache is None else cache.stacked()
+      xs = None if stacked is None else (stacked.k, stacked.v)
       x, (ks, vs) = nnx.scan(body_kv, in_axes=(0, nnx.Carry, 0),
                              out_axes=(nnx.Carry, 0))(self.blocks, x, xs)
       new_cache = cache_lib.KVCache(k=ks, v=vs)

@@ -287,7 +287,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   writer = metrics_lib.MetricsWriter(workdir)
   tokens_per_step = tc.batch_size * config.data.seq_len
-  flops_per_step = mfu.flops_per_step(model_cfg, transformer.count_params(state.params),
+  flops_per_step = mfu.train_flops(model_cfg, transformer.count_params(state.params),
                                       tc.batch_size, config.data.seq_len)
   peak = mfu.peak_flops(float(tc.get("peak_flops", 0.0) or 0.0))
   profile = profile_range(tc.get("profile_steps", ""))

@@ -20,16 +20,27 @@ from dlm.compile import topology
 from dlm.models import transformer
 
 
-def flops_per_step(model_cfg: transformer.ModelConfig, n_params: int, batch: int,
-                   seq_len: int) -> float:
-  """Model FLOPs of one training step over ``batch`` rows of ``seq_len`` tokens.  A BD3-LM
-  pass runs over x_t (+) x_0, twice the tokens."""
-  tokens = 2 * seq_len if model_cfg.mask_kind == "bd3" else seq_len
-  n_matmul = n_params - model_cfg.vocab_size * model_cfg.d_model  # minus the lookup table
-  if model_cfg.tie_embeddings:  # the table is the output head too
-    n_matmul += model_cfg.vocab_size * model_cfg.d_model
-  attention = 12 * model_cfg.num_layers * tokens * model_cfg.num_heads * model_cfg.hd
-  return float(batch * tokens * (6 * n_matmul + attention))
+def matmul_params(model_cfg: transformer.ModelConfig, n_params: int) -> int:
+  """Parameters that multiply activations (the untied embedding table is only gathered)."""
+  return n_params if model_cfg.tie_embeddings else n_params - model_cfg.vocab_size * model_cfg.d_model
+
+
+def train_flops(model_cfg: transformer.ModelConfig, n_params: int, batch: int, seq_len: int) -> float:
+  """6 N per token (forward + backward) + 12 n_layer L d_attn per token for attention scores.
+  A BD3-LM pass runs over x_t (+) x_0: twice the tokens, each seeing twice the keys."""
+  seq_len = 2 * seq_len if model_cfg.mask_kind == "bd3" else seq_len
+  tokens = batch * seq_len
+  d_attn = model_cfg.num_heads * model_cfg.hd
+  return 6.0 * matmul_params(model_cfg, n_params) * tokens + (
+      12.0 * model_cfg.num_layers * seq_len * d_attn * tokens)
+
+
+def forward_flops(model_cfg: transformer.ModelConfig, n_params: int, batch: int, seq_len: int) -> float:
+  """One forward pass: 2 N per token + 4 n_layer L d_attn per token."""
+  tokens = batch * seq_len
+  d_attn = model_cfg.num_heads * model_cfg.hd
+  return 2.0 * matmul_params(model_cfg, n_params) * tokens + (
+      4.0 * model_cfg.num_layers * seq_len * d_attn * tokens)
 
 
 @functools.lru_cache(maxsize=None)
