@@ -11,7 +11,9 @@ int32 [B, L], optional "loss_mask": [B, L], optional "row_ids" [B] and
 accumulate over microbatches: draw each row's randomness from them, as
 ``common.sample_times`` / ``row_uniform`` / ``corrupt_rows`` do, and a
 microbatch gets exactly the loss terms of the whole batch) and config the `config.loss`
-sub-config (`antithetic: bool`, `num_steps: int`). The scalar is the NELBO in
+sub-config (`antithetic: bool`, `num_steps: int`).  A position with loss_mask 0 is
+conditioning: it is never corrupted (``common.keep_clean``; an SFT prompt), only counted
+positions are noised and scored.  The scalar is the NELBO in
 nats per counted token (total nats / counted tokens), which is what the
 optimizer minimizes; metrics hold "loss" (the same scalar), "nelbo_sum" (nats
 summed over the batch) and "num_tokens" (counted positions, float; the weight
@@ -88,7 +90,7 @@ def nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   ids, n_rows = common.batch_rows(batch)
   t = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
                           antithetic=bool(_cfg_get(config, "antithetic", True)))
-  x_t = common.corrupt_rows(process, rng_x, ids, x0, t)
+  x_t = common.keep_clean(common.corrupt_rows(process, rng_x, ids, x0, t), x0, loss_mask)
   logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
   return _per_token(process.nelbo(logits, x0, x_t, t, loss_mask), loss_mask)
 
@@ -115,7 +117,7 @@ def discrete_nelbo_loss(params: Any, batch: dict[str, Array],
                           antithetic=bool(_cfg_get(config, "antithetic", True)))
   i = jnp.clip(jnp.ceil(u * num_steps), 1, num_steps)  # [B] in {1..T}
   t, s = i / num_steps, (i - 1.0) / num_steps
-  x_t = common.corrupt_rows(process, rng_x, ids, x0, t)
+  x_t = common.keep_clean(common.corrupt_rows(process, rng_x, ids, x0, t), x0, loss_mask)
   logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
   per_seq = num_steps * process.discrete_nelbo(logits, x0, x_t, t, s, loss_mask)
   return _per_token(per_seq, loss_mask)
@@ -211,6 +213,7 @@ def bd3_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   t = (beta + (omega - beta) * u).reshape(b, nb)
   x_t = common.corrupt_rows(process, rng_x, block_ids, x0.reshape(b * nb, block_size),
                             t.reshape(-1)).reshape(b, length)
+  x_t = common.keep_clean(x_t, x0, loss_mask)
   per_seq = bd3_block_nelbo(model, params, process, x0, x_t, t, block_size, loss_mask,
                             **denoiser_kwargs(batch))
   return _per_token(per_seq, loss_mask)

@@ -216,9 +216,12 @@ def cmd_sample() -> None:
   if tok is None:
     raise UserError(f"{f.hf or f.workdir} has no tokenizer.json; dlm sample needs it to read"
                     " --prompt: copy the model's tokenizer files there")
-  if f.chat and not callable(getattr(tok, "apply_chat_template", None)):
+  from dlm.data import chat
+  template = chat.for_model(run.config, tok)
+  if f.chat and template is None:
     raise UserError(f"{f.hf or f.workdir} has no chat template (its tokenizer is dlm's"
-                    " sentencepiece model): drop --chat")
+                    " sentencepiece model and it was not fine-tuned with configs/sft.py):"
+                    " drop --chat")
   sc = run.config.sample
   name = f.sampler or sc.sampler
   if f.sampler is None:
@@ -240,11 +243,11 @@ def cmd_sample() -> None:
   texts = []
   for item in items:
     if isinstance(item, list) or f.chat:
-      if not callable(getattr(tok, "apply_chat_template", None)):
+      if template is None:
         raise UserError(f"{f.hf or f.workdir} has no chat template (its tokenizer is dlm's"
                         " sentencepiece model): give plain prompts, without --chat")
-      item = tok.apply_chat_template(item if isinstance(item, list)
-                                     else [{"role": "user", "content": item or ""}])
+      item = chat.render(template, item if isinstance(item, list)
+                         else [{"role": "user", "content": item or ""}], True, tok)
     texts.append(item)
   if make.infill:  # a template: the prompt, or --infill's gaps, within --length
     if f.max_new_tokens is not None:

@@ -84,11 +84,16 @@ def _posterior_values(process, params, x_t, t, s):
   return process.posterior(table_apply(params, x_t, t), x_t, t, s)
 
 
-def state_probs(process, x0, ts) -> np.ndarray:
-  """q(x_t = state | x0) for every state and time: float64 [n, S]."""
+def state_probs(process, x0, ts, loss_mask=None) -> np.ndarray:
+  """q(x_t = state | x0) for every state and time: float64 [n, S].  A position with loss_mask 0
+  is conditioning, never corrupted (common.keep_clean): x_t = x0 there."""
   seqs = all_seqs(process.vocab_size)
   x0b = jnp.broadcast_to(jnp.asarray(x0, jnp.int32), (len(ts), L))
   m = np.asarray(process.marginal(x0b, jnp.asarray(ts, jnp.float32)), np.float64)  # [n, L, V]
+  if loss_mask is not None:
+    clean = np.eye(process.vocab_size)[np.asarray(x0)]  # [L, V]
+    keep = np.asarray(loss_mask, np.float64)[:, None] > 0
+    m = np.where(keep[None], m, clean[None])
   return np.prod(np.stack([m[:, l, seqs[:, l]] for l in range(L)], -1), -1)
 
 
@@ -106,7 +111,7 @@ def expected_nelbo(process, params, x0, ts, loss_mask=None, apply=table_apply) -
   mask = jnp.broadcast_to(jnp.asarray(
       (1.0,) * L if loss_mask is None else loss_mask, jnp.float32), x_t.shape)
   v = np.asarray(_nelbo_values(process, apply, params, x0b, x_t, t, mask), np.float64)
-  return np.sum(v.reshape(len(ts), -1) * state_probs(process, x0, ts), -1)
+  return np.sum(v.reshape(len(ts), -1) * state_probs(process, x0, ts, loss_mask), -1)
 
 
 def step_times(num_steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,14 +24,14 @@ import numpy as np
 from dlm.data import pipeline
 from dlm.data import tokenizer as tokenizer_lib
 
-IN_MEMORY_SOURCES = ("stdlib",)
+IN_MEMORY_SOURCES = ("stdlib", "sft")
 
 
 @dataclasses.dataclass
 class TrainInput:
   tokenizer: tokenizer_lib.Tokenizer
   iterator: Any  # next() -> dict of numpy [B, L]; get_state() / set_state(dict)
-  val_rows: np.ndarray  # int32 [M, L]
+  val_rows: np.ndarray | dict[str, np.ndarray]  # int32 [M, L], or SFT rows (sft.KEYS)
   meta: dict[str, Any]
   batch_keys: tuple[str, ...]
 
@@ -58,6 +58,9 @@ def _tokenizer(data_cfg: Any, workdir: pathlib.Path, docs: Any, seed: int) -> to
 
 def batch_keys(data_cfg: Any) -> tuple[str, ...]:
   """The arrays of each training batch (all [B, L]) for this data config."""
+  if data_cfg.source == "sft":
+    from dlm.data import sft
+    return sft.KEYS
   if data_cfg.source in IN_MEMORY_SOURCES:
     return ("tokens",)
   segments = bool(data_cfg.get("segment_ids", True))
@@ -66,9 +69,14 @@ def batch_keys(data_cfg: Any) -> tuple[str, ...]:
 
 def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: int, seed: int,
                      process_index: int = 0, process_count: int = 1,
-                     max_val_rows: int = 0) -> TrainInput:
-  """``batch_size`` is per process; ``max_val_rows`` bounds a streamed validation set (0 = 4096)."""
+                     max_val_rows: int = 0, ids: dict[str, Any] | None = None) -> TrainInput:
+  """``batch_size`` is per process; ``max_val_rows`` bounds a streamed validation set (0 = 4096).
+  ``ids``: the special ids of an imported model (config.hf.ids), whose tokenizer is a
+  tokenizer.json that does not name them."""
   workdir = pathlib.Path(workdir)
+  if data_cfg.source == "sft":
+    return _sft_input(data_cfg, workdir, batch_size=batch_size, seed=seed,
+                      process_index=process_index, process_count=process_count, ids=ids)
   if data_cfg.source in IN_MEMORY_SOURCES:
     data = pipeline.prepare(data_cfg, workdir)
     it = pipeline.train_iterator(data.train_rows, batch_size=batch_size, seed=seed,
@@ -94,6 +102,36 @@ def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: i
   return TrainInput(tok, it, rows, meta, batch_keys(data_cfg))
 
 
+def workdir_tokenizer(workdir: pathlib.Path, data_cfg: Any,
+                      ids: dict[str, Any] | None = None) -> Any:
+  """The workdir's tokenizer (tokenizer.model, or an imported model's tokenizer.json), or None."""
+  from dlm.data import hf_tokenizer
+  ids = ids or {}
+  return hf_tokenizer.load_any_tokenizer(
+      workdir, vocab_size=int(data_cfg.vocab_size) if ids else None,
+      **{f"{k}_id": ids.get(k) for k in ("mask", "eos", "pad", "bos")})
+
+
+def _sft_input(data_cfg: Any, workdir: pathlib.Path, *, batch_size: int, seed: int,
+               process_index: int, process_count: int,
+               ids: dict[str, Any] | None) -> TrainInput:
+  """Conversations (``sft.py``) with the workdir's tokenizer; without one (no --init_from)
+  a tokenizer is trained on the conversations' text."""
+  from dlm.data import sft
+  tok = workdir_tokenizer(workdir, data_cfg, ids)
+  if tok is None:
+    tok = pipeline.load_or_train_tokenizer(
+        workdir / pipeline.TOKENIZER_FILE, list(sft.texts_for_tokenizer(data_cfg)),
+        vocab_size=int(data_cfg.vocab_size), max_chars=int(data_cfg.tokenizer_max_chars))
+  eos = tok.eos_id
+  if eos is None:
+    raise ValueError(f"the tokenizer of {workdir} names no EOS id; SFT pads responses with it")
+  data = sft.prepare(data_cfg, tok, int(eos))
+  it = pipeline.train_iterator(data.train_rows, batch_size=batch_size, seed=seed,
+                               process_index=process_index, process_count=process_count)
+  return TrainInput(tok, it, data.val_rows, dict(data.meta), sft.KEYS)
+
+
 def _streamed_val_rows(data_cfg: Any, val_docs: Any, tok: tokenizer_lib.Tokenizer,
                        max_rows: int) -> np.ndarray:
   """The first ``max_rows`` (0 = 4096) full concat-packed rows of the validation split (seed 0)."""
@@ -115,9 +153,19 @@ def _streamed_val_rows(data_cfg: Any, val_docs: Any, tok: tokenizer_lib.Tokenize
 
 
 def validation_rows(data_cfg: Any, workdir: str | os.PathLike,
-                    max_rows: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-  """(validation rows [M, L], meta) of a trained run, with the workdir's tokenizer."""
+                    max_rows: int = 0, ids: dict[str, Any] | None = None
+                    ) -> tuple[np.ndarray | dict[str, np.ndarray], dict[str, Any]]:
+  """(validation rows [M, L], meta) of a trained run, with the workdir's tokenizer; an SFT
+  run's are a dict (``sft.KEYS``): its held-out conversations, responses counted."""
   workdir = pathlib.Path(workdir)
+  if data_cfg.source == "sft":
+    from dlm.data import sft
+    tok = workdir_tokenizer(workdir, data_cfg, ids)
+    if tok is None:
+      raise ValueError(f"{workdir} has no tokenizer.model or tokenizer.json; copy the run's")
+    data = sft.prepare(data_cfg, tok, int(tok.eos_id))
+    rows = data.val_rows
+    return ({k: v[:max_rows] for k, v in rows.items()} if max_rows else rows), data.meta
   if data_cfg.source in IN_MEMORY_SOURCES:
     data = pipeline.prepare(data_cfg, workdir)
     rows = data.val_rows[:max_rows] if max_rows else data.val_rows

@@ -320,10 +320,13 @@ def _as_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
   return {"tokens": tokens}
 
 
-def train_iterator(rows: np.ndarray, *, batch_size: int, seed: int,
+def train_iterator(rows: np.ndarray | dict[str, np.ndarray], *, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1
                    ) -> grain.DatasetIterator:
   """Endless shuffled batches {"tokens": int32 [batch_size, L]} for a process.
+
+  ``rows`` may be a dict of [N, L] arrays (SFT rows: tokens, loss_mask, segment_ids,
+  positions); batches then hold every key, rows shuffled together.
 
   All processes walk one shuffled stream of rows (reshuffled every epoch, an
   epoch boundary may fall inside a batch), cut into chunks of ``batch_size``
@@ -342,6 +345,9 @@ def train_iterator(rows: np.ndarray, *, batch_size: int, seed: int,
     process_index: this process, in [0, process_count).
     process_count: number of data-loading processes.
   """
+  columns = rows if isinstance(rows, dict) else None
+  if columns is not None:
+    rows = columns["tokens"]
   _check_rows(rows)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
@@ -350,36 +356,51 @@ def train_iterator(rows: np.ndarray, *, batch_size: int, seed: int,
     raise ValueError(
         f"batch_size={batch_size} x {process_count} processes needs 1..{rows.shape[0]} rows;"
         " lower the batch size or use more data / a shorter seq_len")
-  ds = (grain.MapDataset.source(rows)
+  if columns is None:
+    source, as_batch = grain.MapDataset.source(rows), _as_batch
+  else:  # shuffle row numbers; a batch gathers every column at them
+    source = grain.MapDataset.range(rows.shape[0])
+    as_batch = lambda idx: {k: v[np.asarray(idx)] for k, v in columns.items()}
+  ds = (source
         .shuffle(seed=seed)
         .repeat()
         .batch(batch_size, drop_remainder=True)[process_index::process_count]
-        .map(_as_batch))
+        .map(as_batch))
   read_options = grain.ReadOptions(num_threads=PREFETCH_THREADS,
                                    prefetch_buffer_size=PREFETCH_BUFFER)
   return iter(ds.to_iter_dataset(read_options))
 
 
-def eval_batches(rows: np.ndarray, *, batch_size: int,
+def eval_batches(rows: np.ndarray | dict[str, np.ndarray], *, batch_size: int,
                  max_rows: int | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """In-order batches covering ``rows[:max_rows]``, the last one zero-padded.
 
   Yields {"tokens": int32 [B, L], "loss_mask": float32 [B, L]}; padding rows
   are all ``0`` (the pad id) with loss_mask 0, real rows have loss_mask 1.
+  ``rows`` may be a dict of [N, L] arrays (tokens, loss_mask, segment_ids, positions: SFT
+  rows): each is padded the same way and a given loss_mask is kept.
   """
-  _check_rows(rows)
+  if not isinstance(rows, dict):
+    rows = {"tokens": rows}
+  _check_rows(rows["tokens"])
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1")
+  n, length = rows["tokens"].shape
   if max_rows is not None:
-    rows = rows[:max_rows]
-  for start in range(0, rows.shape[0], batch_size):
-    chunk = rows[start:start + batch_size]
-    tokens = np.zeros((batch_size, rows.shape[1]), dtype=np.int32)
-    tokens[:chunk.shape[0]] = chunk
-    loss_mask = np.zeros((batch_size, rows.shape[1]), dtype=np.float32)
-    loss_mask[:chunk.shape[0]] = 1.0
-    yield {"tokens": tokens, "loss_mask": loss_mask}
+    n = min(n, max_rows)
+  for start in range(0, n, batch_size):
+    end = min(start + batch_size, n)
+    out = {}
+    for key, value in rows.items():
+      padded = np.zeros((batch_size, length), dtype=value.dtype)
+      padded[:end - start] = value[start:end]
+      out[key] = padded
+    if "loss_mask" not in rows:
+      out["loss_mask"] = np.zeros((batch_size, length), dtype=np.float32)
+      out["loss_mask"][:end - start] = 1.0
+    out["loss_mask"] = out["loss_mask"].astype(np.float32)
+    yield out
 
 
 def num_eval_batches(num_rows: int, *, batch_size: int,

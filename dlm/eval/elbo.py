@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlm import losses, parallel
+from dlm.processes import common
 from dlm.data import pipeline
 
 
@@ -40,8 +41,13 @@ def evaluate(eval_fn: Callable[..., dict[str, jax.Array]], params: Any, rows: np
              batch_size: int, piece_bytes: np.ndarray, num_passes: int = 1, seed: int = 0,
              put: Callable[[dict[str, np.ndarray]], Any] | None = None,
              progress: Callable[[int], None] | None = None) -> dict[str, float]:
-  """Runs ``eval_fn(params, batch, t, rng)`` over all rows ``num_passes`` times."""
-  n = rows.shape[0]
+  """Runs ``eval_fn(params, batch, t, rng)`` over all rows ``num_passes`` times.
+
+  ``rows``: int32 [N, L], or a dict of [N, L] arrays with "tokens" (and "loss_mask": only
+  counted tokens are scored and their bytes counted).
+  """
+  tokens_all = rows["tokens"] if isinstance(rows, dict) else rows
+  n = tokens_all.shape[0]
   times = stratified_eval_times(n, num_passes, seed)  # [K, N]
   times = np.pad(times, ((0, 0), (0, -n % batch_size)), constant_values=0.5)  # padding rows
   base = jax.random.key(seed)
@@ -57,7 +63,9 @@ def evaluate(eval_fn: Callable[..., dict[str, jax.Array]], params: Any, rows: np
       tokens += float(out["num_tokens"])
       if progress is not None:
         progress(1)
-  num_bytes = float(piece_bytes[rows].sum()) * num_passes
+  counted = rows.get("loss_mask") if isinstance(rows, dict) else None
+  row_bytes = piece_bytes[tokens_all]
+  num_bytes = float((row_bytes if counted is None else row_bytes * (counted > 0)).sum()) * num_passes
   result = nelbo_bits_per_byte(nelbo, tokens, num_bytes)
   result.update(num_tokens=tokens / num_passes, num_bytes=num_bytes / num_passes,
                 num_passes=num_passes)
@@ -74,7 +82,7 @@ def eval_step(params: Any, batch: dict[str, jax.Array], t: jax.Array, rng: jax.A
   """
   x0 = batch["tokens"]
   loss_mask = batch["loss_mask"]
-  x_t = process.corrupt(rng, x0, t)
+  x_t = common.keep_clean(process.corrupt(rng, x0, t), x0, loss_mask)
   if bd3_block_size:
     t_blocks = jnp.broadcast_to(t[:, None], (x0.shape[0], x0.shape[1] // bd3_block_size))
     nelbo = losses.bd3_block_nelbo(model, params, process, x0, x_t, t_blocks, bd3_block_size,

@@ -68,7 +68,8 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, max_rows: int | None = None
   ec = model.config.get("eval", {})
   max_rows = int(ec.get("max_rows", 0)) if max_rows is None else max_rows
   tok = model.tokenizer
-  imported = "hf" in model.config
+  sft_run = model.config.get("data", {}).get("source") == "sft"
+  imported = "hf" in model.config and not sft_run  # a fine-tuned import has its own rows
   if tok is None or not callable(getattr(tok, "piece_bytes", None)):
     raise UserError(f"{workdir} has no tokenizer (tokenizer.model or tokenizer.json); bits per"
                     " byte need one: copy the model's tokenizer files there")
@@ -83,22 +84,26 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, max_rows: int | None = None
     if seq_len is not None:
       raise UserError("--seq_len applies to --text (or an imported model); a dlm run is scored"
                       " on its own validation rows of data.seq_len")
-    rows, meta = inputs.validation_rows(model.config.data, workdir, max_rows)
+    rows, meta = inputs.validation_rows(model.config.data, workdir, max_rows,
+                                        ids=dict(model.config.hf.ids) if "hf" in model.config
+                                        else None)
   passes = int(ec.get("num_passes", 1)) if num_passes is None else num_passes
   piece_bytes = tok.piece_bytes()
   bd3 = model.model_cfg.block_size if model.model_cfg.mask_kind == "bd3" else 0
   eval_fn = jax.jit(functools.partial(elbo.eval_step, model=model.apply, process=model.process,
                                       bd3_block_size=bd3))
-  batch_size = min(int(ec.get("batch_size", 8)), len(rows))
-  with tqdm(total=passes * -(-len(rows) // batch_size), desc="eval", unit="batch",
+  tokens = rows["tokens"] if isinstance(rows, dict) else rows  # SFT: a dict, responses counted
+  batch_size = min(int(ec.get("batch_size", 8)), len(tokens))
+  with tqdm(total=passes * -(-len(tokens) // batch_size), desc="eval", unit="batch",
             disable=jax.process_index() != 0) as bar:
     result = elbo.evaluate(eval_fn, model.params, rows, batch_size=batch_size,
                            piece_bytes=piece_bytes, num_passes=passes,
                            seed=int(ec.get("seed", 1234)), progress=bar.update)
-  result["unigram_bits_per_byte"] = pipeline.unigram_bits_per_byte(rows, piece_bytes)
+  counted = tokens if not isinstance(rows, dict) else tokens[rows["loss_mask"] > 0][None]
+  result["unigram_bits_per_byte"] = pipeline.unigram_bits_per_byte(counted, piece_bytes)
   result["improvement_over_unigram"] = 1.0 - result["bits_per_byte"] / result["unigram_bits_per_byte"]
-  result.update(step=model.step, weights=model.weights, rows=int(len(rows)),
-                seq_len=int(rows.shape[1]), process=model.config.process.name)
+  result.update(step=model.step, weights=model.weights, rows=int(len(tokens)),
+                seq_len=int(tokens.shape[1]), process=model.config.process.name)
   if imported:
     result["family"] = model.config.hf.family
   if "python_version" in meta:

@@ -66,6 +66,15 @@ def corrupt_rows(process, rng: chex.PRNGKey, row_ids: Array, x0: Array, t: Array
   return jax.vmap(lambda k, x, ti: process.corrupt(k, x[None], ti[None])[0])(keys, x0, t)
 
 
+def keep_clean(x_t: Array, x0: Array, loss_mask: Array | None) -> Array:
+  """x_t where a position counts, x0 where it does not: an uncounted position is conditioning
+  (an SFT prompt, LLaDA sec. 2.3: "the prompt stays unmasked"), never corrupted."""
+  if loss_mask is None:
+    return x_t
+  chex.assert_equal_shape([x_t, x0, loss_mask])
+  return jnp.where(loss_mask > 0, x_t, x0)
+
+
 def bcast_time(x: Array, ndim: int) -> Array:
   """[B] -> [B, 1, ..., 1] with `ndim` dims total, for broadcasting over positions."""
   return jnp.reshape(x, x.shape + (1,) * (ndim - x.ndim))

@@ -86,24 +86,75 @@ def _warm_start_params(init_from: str | pathlib.Path, config: ml_collections.Con
     raise UserError(f"--init_from={init_from}: {e}") from None
 
 
+# The tokenizer files a warm start copies: a dlm run's sentencepiece model, or an imported
+# model's Hugging Face files (tokenizer.json and its config: special tokens, chat template).
+_TOKENIZER_FILES = (pipeline.TOKENIZER_FILE, "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json")
+
+
 def _copy_tokenizer(init_from: str | pathlib.Path, workdir: pathlib.Path) -> None:
   """A warm start keeps its source's tokenizer: token ids must mean the same."""
-  if not (pathlib.Path(init_from) / checkpoint.CONFIG_FILE).exists():
+  src_dir = pathlib.Path(init_from)
+  if not (src_dir / checkpoint.CONFIG_FILE).exists():
     raise UserError(f"--init_from={init_from} is not a dlm workdir (no {checkpoint.CONFIG_FILE});"
                     " point it at a trained run's --workdir")
-  src = pathlib.Path(init_from) / pipeline.TOKENIZER_FILE
-  dst = workdir / pipeline.TOKENIZER_FILE
-  if not src.exists():
-    raise UserError(f"--init_from={init_from} has no {pipeline.TOKENIZER_FILE}; point it at a"
-                    " trained run's --workdir")
-  if dst.exists():
-    if dst.read_bytes() != src.read_bytes():
-      raise UserError(f"{dst} differs from the tokenizer of --init_from={init_from}; use a new"
-                      " --workdir")
-    return
-  tmp = dst.with_suffix(".model.tmp")
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
+  names = [n for n in _TOKENIZER_FILES if (src_dir / n).is_file()]
+  if not any(n in names for n in _TOKENIZER_FILES[:2]):
+    raise UserError(f"--init_from={init_from} has no {pipeline.TOKENIZER_FILE} (or tokenizer.json)"
+                    "; point it at a trained run's --workdir or a converted one")
+  for name in names:
+    src, dst = src_dir / name, workdir / name
+    if dst.exists():
+      if dst.read_bytes() != src.read_bytes():
+        raise UserError(f"{dst} differs from the tokenizer of --init_from={init_from}; use a new"
+                        " --workdir")
+      continue
+    tmp = dst.with_name(f".{name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _tokenizer_file(workdir: pathlib.Path) -> pathlib.Path:
+  """The tokenizer file a checkpoint's meta item carries."""
+  spm = workdir / pipeline.TOKENIZER_FILE
+  return spm if spm.is_file() or not (workdir / "tokenizer.json").is_file() else (
+      workdir / "tokenizer.json")
+
+
+_HOW_FIELDS = ("attention", "scan_layers", "remat")  # how a model runs: the recipe's choice
+
+
+def inherit_from_source(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        init_from: str | pathlib.Path | None) -> ml_collections.ConfigDict:
+  """``config.init.inherit`` (dotted keys, e.g. "model", "process", "hf"): taken from the
+  config of ``--init_from`` (else of the workdir's own run, when resuming), so that a
+  fine-tuning recipe fits any dlm or converted checkpoint.  The recipe keeps its model's
+  execution fields (attention kernel, scanned layers, remat).  A block-diffusion source
+  brings its loss (the block NELBO must use its blocks).  Values are read as data: a
+  ``module:function`` there is refused (``checkpoint.read_config``)."""
+  keys = list(config.get("init", {}).get("inherit", []) or [])
+  src = pathlib.Path(init_from) if init_from else workdir
+  if not keys or not (src / checkpoint.CONFIG_FILE).is_file():
+    return config
+  try:
+    saved = checkpoint.read_config(src)
+  except UserError as e:
+    raise UserError(f"--init_from={src}: {e}") from None
+  out = config.to_dict()
+  for key in keys:
+    value = _get(saved, key)
+    if value == {} and key not in saved and "." not in key:
+      continue  # the source has no such section (e.g. "hf" of a dlm run)
+    *parents, last = key.split(".")
+    node = out
+    for part in parents:
+      node = node.setdefault(part, {})
+    if key == "model" and isinstance(node.get("model"), dict):
+      value = {**value, **{k: node["model"][k] for k in _HOW_FIELDS if k in node["model"]}}
+    node[last] = value
+  if "model" in keys and _get(saved, "model.mask_kind") == "bd3" and "loss" in saved:
+    out["loss"] = saved["loss"]
+  return ml_collections.ConfigDict(out)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model_cfg: transformer.ModelConfig,
@@ -161,6 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   (optimizer, step and data order start afresh); ignored when resuming.
   """
   workdir = pathlib.Path(workdir)
+  config = inherit_from_source(config, workdir, init_from)
   check_train_config(config)
   check_compatible(workdir, config)
   try:
@@ -221,13 +273,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   data = inputs.make_train_input(
       config.data, workdir, batch_size=tc.batch_size // jax.process_count(),
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      max_val_rows=int(config.eval.max_rows))
+      max_val_rows=int(config.eval.max_rows),
+      ids=dict(config.hf.ids) if "hf" in config else None)
   if is_main:
     distributed.barrier("dlm_prepare")
   tok = data.tokenizer
   if is_main:
     checkpoint.write_config(workdir, config.to_dict())
-  meta = checkpoint.run_meta(config.to_dict(), workdir / pipeline.TOKENIZER_FILE)
+  meta = checkpoint.run_meta(config.to_dict(), _tokenizer_file(workdir))
 
   # --- model, process, loss, optimizer ---
   model_cfg, process = loader.build(config, tok.vocab_size, tok.mask_id)
@@ -263,7 +316,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                       if "python_version" in data.meta else ""))
 
   # --- steps ---
-  eval_step = elbo.jit_eval_step(mesh, rules, shardings.params, model=apply, process=process,
+  eval_keys = ("tokens", "loss_mask")  # SFT rows also carry their segments and positions
+  if isinstance(data.val_rows, dict):
+    eval_keys += tuple(k for k in data.val_rows if k not in eval_keys)
+  eval_step = elbo.jit_eval_step(mesh, rules, shardings.params, batch_keys=eval_keys,
+                                 model=apply, process=process,
                                  bd3_block_size=_bd3_block_size(config.model))
   all_finite = step_lib.jit_all_finite(shardings)
   put = functools.partial(parallel.global_batch, mesh=mesh, rules=rules)
@@ -272,7 +329,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   use_ema = ema_decay > 0 and bool(config.eval.get("use_ema", True))
 
   def run_eval(st: state_lib.TrainState, max_rows: int, passes: int) -> dict[str, float]:
-    rows = data.val_rows[:max_rows] if max_rows else data.val_rows
+    rows = data.val_rows
+    if max_rows:
+      rows = ({k: v[:max_rows] for k, v in rows.items()} if isinstance(rows, dict)
+              else rows[:max_rows])
     params = st.ema_params if use_ema else st.params
     return elbo.evaluate(eval_step, params, rows, batch_size=int(config.eval.batch_size),
                          piece_bytes=piece_bytes, num_passes=passes, seed=int(config.eval.seed),
