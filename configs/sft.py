@@ -55,6 +55,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # LLaDA's SFT objective (Alg. 2): t ~ U(0, 1], response tokens masked with probability t,
   # weighted 1/t.  Works for the masked, uniform and autoregressive processes alike.
   c.loss = ml_collections.ConfigDict({"name": "nelbo", "antithetic": True})
+  # LoRA (Hu et al. 2022): rank 0 = full fine-tuning; alpha 0 = rank (scale 1).  base and
+  # base_step are filled in by the run (the frozen --init_from checkpoint the adapters need).
+  c.lora = ml_collections.ConfigDict({
+      "rank": 0, "alpha": 0.0, "targets": "wq,wk,wv,wo,w_gate,w_up,w_out",
+      "base": ml_collections.FieldReference(None, field_type=str), "base_step": -1})
   c.optim.lr = 2e-4
   c.optim.warmup_steps = 20
   c.optim.weight_decay = 0.0
@@ -68,11 +73,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.periodic_rows = 128
   c.sample.steps = 32
 
+  if "lora" in args:
+    c.lora.rank, c.lora.alpha = 8, 16.0
+    c.optim.lr = 1e-3  # adapters start at zero and are few: a larger step, as PEFT recipes use
+
   if "smoke" in args:
     c.data.seq_len = 96
     c.data.vocab_size = 512
     c.data.sft.max_conversations = 600
-    c.optim.lr = 1e-3
+    c.optim.lr = 1e-3 if "lora" not in args else 3e-3
     c.optim.warmup_steps = 5
     c.train.steps = 40
     c.train.eval_every = 20

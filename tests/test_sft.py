@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -287,9 +288,14 @@ def test_sft_resumes_exactly_after_sigkill(runs, tmp_path):
                            f"--workdir={tmp_path / 'b'}"], env=env, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   res.wait_for_lines(proc, tmp_path / "b", 2)
+  t0 = time.time()  # killed after its first checkpoint, before its last
+  while not any(c.name.isdigit() for c in (tmp_path / "b" / "checkpoints").glob("*")):
+    assert time.time() - t0 < 60 and proc.poll() is None
+    time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert res.checkpoint._reader(tmp_path / "b").latest_step() < 30
+  assert proc.returncode == -signal.SIGKILL
+  assert 0 < (res.checkpoint._reader(tmp_path / "b").latest_step() or 0) < 30
   r = dlm("train", *args, f"--workdir={tmp_path / 'b'}")
   assert "resumed from" in r.stdout
   step_a, state_a, data_a = res.saved(tmp_path / "a", 30)

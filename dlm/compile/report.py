@@ -16,6 +16,7 @@ per token; 2 N D per sampler call) at a stated MFU:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -30,7 +31,7 @@ from dlm import parallel, processes
 from dlm.compile import topology
 from dlm.data import inputs, tokenizer as tokenizer_lib
 from dlm.errors import UserError
-from dlm.models import transformer
+from dlm.models import lora, transformer
 from dlm.train import mfu
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -40,6 +41,7 @@ _COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 def _model(config: ml_collections.ConfigDict) -> tuple[transformer.ModelConfig, Any]:
   vocab = int(config.data.vocab_size)
   model_cfg = transformer.ModelConfig.from_config(config.model, vocab_size=vocab)
+  model_cfg = dataclasses.replace(model_cfg, **lora.settings(config))  # config.lora adapters
   # The mask id is a constant of the program: it changes no shape, byte or FLOP.
   process = processes.make_process(config.process, vocab_size=vocab,
                                    mask_id=tokenizer_lib.MASK_ID)
@@ -57,15 +59,16 @@ def lower_train(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
   loop.check_batch(tc, mesh, process_count=1)
   model_cfg, process = _model(config)
   keys = inputs.batch_keys(config.data)
-  _, _, abstract, _, step = loop.make_train_step(config, model_cfg, process, mesh, rules, keys)
+  _, _, abstract, _, step, frozen = loop.make_train_step(config, model_cfg, process, mesh, rules,
+                                                         keys)
   b, l = int(tc.batch_size), int(config.data.seq_len)
   row = parallel.batch_sharding(mesh, rules)
   batch = {k: _abstract((b, l), jnp.float32 if k == "loss_mask" else jnp.int32, row) for k in keys}
-  n = transformer.count_params(abstract.params)
-  figures = {"params": n, "batch": b, "seq_len": l, "tokens_per_step": b * l,
+  n = transformer.count_params(abstract.params) + (transformer.count_params(frozen) if frozen else 0)
+  figures = {"params": n, "trainable_params": transformer.count_params(abstract.params), "batch": b, "seq_len": l, "tokens_per_step": b * l,
              "model_flops_per_step": mfu.train_flops(model_cfg, n, b, l)}
-  figures["input_bytes"] = parallel.bytes_per_device((abstract, batch))
-  return step.lower(abstract, batch), figures
+  figures["input_bytes"] = parallel.bytes_per_device((abstract, batch, frozen))
+  return step.lower(abstract, batch, *(() if frozen is None else (frozen,))), figures
 
 
 def lower_sample(config: ml_collections.ConfigDict, mesh: Any, rules: Any):

@@ -78,6 +78,8 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *,
     raise UserError("a time-conditioned model (model.time_conditioning=True) has no LLaDA/Dream"
                     " equivalent; export a model trained without it")
   model = dataclasses.asdict(m.model_cfg)
+  rank, alpha = model.pop("lora_rank"), model.pop("lora_alpha")
+  model.pop("lora_targets")
   model["num_kv_heads"] = model["num_kv_heads"] or model["num_heads"]
   model["head_dim"] = m.model_cfg.hd
   model["mlp_dim"] = m.model_cfg.mlp
@@ -86,7 +88,11 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *,
                               " delete it (a fresh config.json is written)",
                               max_bytes=1 << 20) if base_path.exists() else None
   hf_cfg = hf.hf_config_for(model, family, m.ids, base)
-  params = {k: v for k, v in _numpy(m.params).items()}
+  params = m.params
+  if rank:  # LoRA adapters folded into their kernels: W + (alpha / r) A B
+    from dlm.models import lora
+    params = lora.merge(params, alpha / rank)
+  params = {k: v for k, v in _numpy(params).items()}
   with staging.staged(out, "--out", "export") as stage:
     hf.export_params(params, model, family, hf_cfg, stage, max_shard_bytes=max_shard_bytes)
     for name in TOKENIZER_FILES:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dlm.models import transformer
+from dlm.models import lora, transformer
 
 Array = jax.Array
 
@@ -38,6 +38,8 @@ def layout(cfg: transformer.ModelConfig, params: dict) -> dict:
     return params
   p = dict(params)
   blocks = p.pop("blocks")
+  if cfg.lora_rank:  # adapters folded into the kernels: the fused layout has no low-rank path
+    blocks = lora.merge(blocks, cfg.lora_alpha / cfg.lora_rank)
   if p.get("head") is not None:
     p["head"] = p["head"].T  # [V, D]
   p["blocks"] = {i: _layer(jax.tree.map(lambda a, i=i: a[i], blocks))

@@ -126,7 +126,8 @@ class Attention(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rope_theta: float,
                dtype: jnp.dtype, rngs: nnx.Rngs, num_kv_heads: int | None = None,
                qkv_bias: bool = False, backend: str = "xla", mask_kind: str = "bidirectional",
-               block_size: int = 0, decode: bool = False):
+               block_size: int = 0, decode: bool = False,
+               lora: tuple[int, float, tuple[str, ...]] | None = None):
     kv = num_kv_heads or num_heads
     self.num_heads, self.head_dim, self.rope_theta, self.dtype = num_heads, head_dim, rope_theta, dtype
     self.num_kv_heads = kv
@@ -149,6 +150,11 @@ class Attention(nnx.Module):
     self.bq = param(rngs, zeros, (num_heads, head_dim), ("heads", "kv")) if qkv_bias else None
     self.bk = param(rngs, zeros, (kv, head_dim), ("heads", "kv")) if qkv_bias else None
     self.bv = param(rngs, zeros, (kv, head_dim), ("heads", "kv")) if qkv_bias else None
+    self.lora_scale = add_lora(self, rngs, lora, {
+        "wq": ((d_model,), ("embed",), (num_heads, head_dim), ("heads", "kv")),
+        "wk": ((d_model,), ("embed",), (kv, head_dim), ("heads", "kv")),
+        "wv": ((d_model,), ("embed",), (kv, head_dim), ("heads", "kv")),
+        "wo": ((num_heads, head_dim), ("heads", "kv"), (d_model,), ("embed",))})
 
   def __call__(self, x: Array, positions: Array, masks: tuple[Array | None, Array | None],
                kv: tuple[Array, Array, Array] | None = None,
@@ -200,7 +206,7 @@ class Attention(nnx.Module):
     if self.decode:
       out = dense(out.reshape(*out.shape[:2], -1), self.wo[...].astype(dt))
       return out, k_new, v_new
-    return matmul(out, self.wo[...].astype(dt), 2), k_new, v_new
+    return with_lora(self, "wo", out, matmul(out, self.wo[...].astype(dt), 2), 2), k_new, v_new
 
   def _qkv(self, x: Array) -> tuple[Array, Array, Array]:
     """q [B, L, N, H] and k, v [B, L, kv, H]: three projections, or one fused in decode layout."""
@@ -215,18 +221,19 @@ class Attention(nnx.Module):
               k.reshape(*k.shape[:2], self.num_kv_heads, self.head_dim),
               v.reshape(*v.shape[:2], self.num_kv_heads, self.head_dim))
 
-    def project(w: nnx.Param, b: nnx.Param | None) -> Array:
-      y = matmul(x, w[...].astype(dt))
+    def project(name: str, w: nnx.Param, b: nnx.Param | None) -> Array:
+      y = with_lora(self, name, x, matmul(x, w[...].astype(dt)))
       return y if b is None else y + b[...].astype(dt)
 
-    return project(self.wq, self.bq), project(self.wk, self.bk), project(self.wv, self.bv)
+    return (project("wq", self.wq, self.bq), project("wk", self.wk, self.bk),
+            project("wv", self.wv, self.bv))
 
 
 class SwiGLU(nnx.Module):
   """FFN(x) = W_o (silu(W_g x) * W_u x) (Shazeer 2020, eq. 6)."""
 
   def __init__(self, d_model: int, mlp_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs,
-               decode: bool = False):
+               decode: bool = False, lora: tuple[int, float, tuple[str, ...]] | None = None):
     self.dtype, self.decode = dtype, decode
     if decode:  # decode layout (decode.py): fused gate|up kernel and w_out, both [out, in]
       self.w_gate_up = param(rngs, _fan_in_init(d_model), (2 * mlp_dim, d_model), ("mlp", "embed"))
@@ -235,6 +242,10 @@ class SwiGLU(nnx.Module):
     self.w_gate = param(rngs, _fan_in_init(d_model), (d_model, mlp_dim), ("embed", "mlp"))
     self.w_up = param(rngs, _fan_in_init(d_model), (d_model, mlp_dim), ("embed", "mlp"))
     self.w_out = param(rngs, _fan_in_init(mlp_dim), (mlp_dim, d_model), ("mlp", "embed"))
+    self.lora_scale = add_lora(self, rngs, lora, {
+        "w_gate": ((d_model,), ("embed",), (mlp_dim,), ("mlp",)),
+        "w_up": ((d_model,), ("embed",), (mlp_dim,), ("mlp",)),
+        "w_out": ((mlp_dim,), ("mlp",), (d_model,), ("embed",))})
 
   def __call__(self, x: Array) -> Array:
     dt = self.dtype
@@ -247,10 +258,38 @@ class SwiGLU(nnx.Module):
       gate, up = jnp.split(dense(x, self.w_gate_up[...].astype(dt)), 2, -1)
       h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
       return dense(h, self.w_out[...].astype(dt))
-    gate = matmul(x, self.w_gate[...].astype(dt))
-    up = matmul(x, self.w_up[...].astype(dt))
+    gate = with_lora(self, "w_gate", x, matmul(x, self.w_gate[...].astype(dt)))
+    up = with_lora(self, "w_up", x, matmul(x, self.w_up[...].astype(dt)))
     h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return matmul(h, self.w_out[...].astype(dt))
+    return with_lora(self, "w_out", h, matmul(h, self.w_out[...].astype(dt)))
+
+
+def add_lora(module: nnx.Module, rngs: nnx.Rngs, lora: tuple[int, float, tuple[str, ...]] | None,
+             kernels: dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...],
+                                      tuple[str, ...]]]) -> float:
+  """LoRA adapters (dlm/models/lora.py) of ``module``'s target kernels: ``{name}_lora_a``
+  [*in, r] (fan-in normal) and ``{name}_lora_b`` [r, *out] (zeros); returns alpha / r."""
+  if not lora:
+    return 0.0
+  rank, alpha, targets = lora
+  for name, (ins, in_names, outs, out_names) in kernels.items():
+    if name in targets:
+      setattr(module, f"{name}_lora_a", param(rngs, _fan_in_init(math.prod(ins)), ins + (rank,),
+                                              in_names + (None,)))
+      setattr(module, f"{name}_lora_b", param(rngs, jax.nn.initializers.zeros, (rank,) + outs,
+                                              (None,) + out_names))
+  return alpha / rank
+
+
+def with_lora(module: nnx.Module, name: str, x: Array, y: Array, contract: int = 1) -> Array:
+  """y + (alpha / r) (x A) B when kernel ``name`` has an adapter (Hu et al. 2022, eq. 3)."""
+  a = getattr(module, f"{name}_lora_a", None)
+  if a is None:
+    return y
+  b = getattr(module, f"{name}_lora_b")
+  dt = y.dtype
+  low = matmul(matmul(x, a[...].astype(dt), contract), b[...].astype(dt))
+  return y + jnp.asarray(module.lora_scale, dt) * low
 
 
 def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:

@@ -21,7 +21,7 @@ import numpy as np
 
 from dlm import checkpoint, jsonfile, processes
 from dlm.errors import UserError
-from dlm.models import transformer
+from dlm.models import lora, transformer
 
 
 @dataclasses.dataclass
@@ -144,6 +144,7 @@ def build(config: ml_collections.ConfigDict, vocab_size: int,
           mask_id: int) -> tuple[transformer.ModelConfig, Any]:
   """(model config, process) of a dlm config: what training and loading both build."""
   model_cfg = transformer.ModelConfig.from_config(config.model, vocab_size=vocab_size)
+  model_cfg = dataclasses.replace(model_cfg, **lora.settings(config))  # config.lora adapters
   return model_cfg, processes.make_process(config.process, vocab_size=vocab_size, mask_id=mask_id)
 
 
@@ -243,6 +244,21 @@ def _meta_tokenizer_dir(step_dir: pathlib.Path, meta: dict[str, Any]) -> pathlib
   return folder
 
 
+def _lora_base(config: Any, abstract: Any, path: pathlib.Path) -> Any:
+  """The frozen base parameters a LoRA run's config names (``lora.base`` / ``base_step``)."""
+  base, step = config.lora.get("base"), config.lora.get("base_step")
+  if not base or step is None or int(step) < 0:
+    raise UserError(f"{path}: config.lora names no base checkpoint (lora.base); it was not"
+                    " written by dlm train")
+  base_abstract = lora.split(abstract)[0]
+  if not (pathlib.Path(base) / "config.json").is_file():
+    raise UserError(f"{path} holds LoRA adapters of {base}, which is gone: restore it there")
+  try:
+    return checkpoint.restore_params(base, base_abstract, int(step))[1]
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(f"the LoRA base {base} of {path}: {e}") from None
+
+
 def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None = None,
          dtype: str | None = "float32", mesh: Any = None, trust_config_code: bool = False,
          compile_cache: str | bool | None = None) -> DiffusionLM:
@@ -312,10 +328,18 @@ def load(path: str | pathlib.Path, *, step: int | None = None, ema: bool | None 
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, want), abstract)
     if ema is None:  # from the config, not the checkpoint's metadata: a lost file is an error
       ema = float(config.get("train", {}).get("ema_decay", 0.0) or 0.0) > 0
+    base = None
+    if model_cfg.lora_rank:  # adapters here, the frozen base where the run recorded it
+      if alone:
+        raise UserError(f"{path} is one checkpoint of a LoRA run: its adapters need the base"
+                        " model; load the run's workdir, or `dlm export` it merged")
+      abstract, base = lora.split(abstract)[1], _lora_base(config, abstract, path)
     if alone:
       step, params = checkpoint.restore_step_folder(path, abstract, ema=ema)
     else:
       step, params = checkpoint.restore_params(path, abstract, step, ema=ema)
+    if base is not None:
+      params = lora.combine(base, params)
     params, weights = _cast(params, dtype), "ema_params" if ema else "params"
     path = tok_dir
   if tok is None and path is not None:

@@ -61,6 +61,10 @@ class ModelConfig:
   attention: str = "xla"
   mask_kind: str = "bidirectional"
   block_size: int = 0
+  # LoRA adapters on these projections (config.lora, dlm/models/lora.py); rank 0 = none
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_targets: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:
@@ -108,14 +112,16 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, decode: bool = False):
     dt = cfg.compute_dtype
+    # the decode layout merges adapters into its fused kernels (decode.layout)
+    lora = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank and not decode else None
     self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.attn = layers.Attention(cfg.d_model, cfg.num_heads, cfg.hd, rope_theta=cfg.rope_theta,
                                  dtype=dt, rngs=rngs, num_kv_heads=cfg.num_kv_heads,
                                  qkv_bias=cfg.qkv_bias, backend=cfg.attention,
                                  mask_kind=cfg.mask_kind, block_size=cfg.block_size,
-                                 decode=decode)
+                                 decode=decode, lora=lora)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-    self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp, dtype=dt, rngs=rngs, decode=decode)
+    self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp, dtype=dt, rngs=rngs, decode=decode, lora=lora)
     self.ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 6, rngs=rngs)
                 if cfg.time_conditioning else None)
 

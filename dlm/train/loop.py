@@ -18,13 +18,14 @@ from dlm import distributed, lock, losses, parallel
 from dlm.data import inputs, pipeline
 from dlm.errors import UserError
 from dlm.eval import elbo
-from dlm.models import loader, transformer
+from dlm.models import loader, lora, transformer
 from dlm import checkpoint
 from dlm.train import metrics as metrics_lib, mfu, optim, preemption
 from dlm.train import state as state_lib, step as step_lib
 
 # Config entries that fix the shapes of what is saved in a workdir.
-_SHAPE_KEYS = ("model", "process", "data.vocab_size", "data.source", "data.seq_len")
+_SHAPE_KEYS = ("model", "process", "data.vocab_size", "data.source", "data.seq_len", "lora.rank",
+               "lora.targets")
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -157,22 +158,63 @@ def inherit_from_source(config: ml_collections.ConfigDict, workdir: pathlib.Path
   return ml_collections.ConfigDict(out)
 
 
+def _recorded_lora_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """A LoRA run resumed: ``config.lora.base`` / ``base_step`` as its first run recorded them."""
+  if not lora.settings(config) or not (workdir / checkpoint.CONFIG_FILE).is_file():
+    return
+  saved = checkpoint.read_config(workdir)
+  if _get(saved, "lora.base"):
+    config.lora.base, config.lora.base_step = _get(saved, "lora.base"), _get(saved,
+                                                                               "lora.base_step")
+
+
+def _lora_base(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+               init_from: str | pathlib.Path | None, resuming: bool, abstract: Any) -> Any:
+  """A LoRA run's frozen base parameters: those of ``--init_from`` on a new run (recorded as
+  ``config.lora.base`` / ``base_step`` in the workdir's config.json), the recorded ones when
+  resuming."""
+  base, step = config.lora.get("base"), config.lora.get("base_step")
+  if resuming or not init_from:
+    if not base:
+      raise UserError("LoRA (lora.rank > 0) adapts a trained model: pass --init_from=DIR (a dlm"
+                      " or converted workdir), whose weights stay frozen")
+    if not (pathlib.Path(base) / checkpoint.CONFIG_FILE).is_file():
+      raise UserError(f"the LoRA base {base} of {workdir} is gone; restore it there (the"
+                      " adapters in this workdir need it)")
+    try:
+      _, params = checkpoint.restore_params(base, abstract, int(step))
+    except FileNotFoundError as e:
+      raise UserError(f"the LoRA base {base}: {e}; restore its checkpoint {step}") from None
+  else:
+    step, params = _warm_start_params(init_from, config, abstract)
+    base = str(pathlib.Path(init_from).resolve())
+  config.lora.base, config.lora.base_step = str(base), int(step)
+  if jax.process_index() == 0:
+    checkpoint.write_config(workdir, config.to_dict())
+  return params
+
+
 def make_train_step(config: ml_collections.ConfigDict, model_cfg: transformer.ModelConfig,
                     process: Any, mesh: Any, rules: Any, batch_keys: tuple[str, ...]):
-  """(tx, graphdef, abstract TrainState, its shardings, jitted train step) of the config."""
+  """(tx, graphdef, abstract TrainState, its shardings, jitted train step, abstract frozen
+  params) of the config; the last is None unless the model has LoRA adapters (the step then
+  takes the frozen base third)."""
   tc = config.train
   total_steps = int(tc.steps)
   ema_decay = float(tc.get("ema_decay", 0.0))
   tx = optim.make_optimizer(config.optim, total_steps)
   graphdef, abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, rules,
                                                             ema=ema_decay > 0)
+  frozen, frozen_sh = (state_lib.frozen_shardings(model_cfg, mesh, rules) if model_cfg.lora_rank
+                       else (None, None))
   loss_fn = functools.partial(losses.get_loss(config.loss.name),
                               model=transformer.apply_fn(graphdef), process=process,
                               config=config.loss)
   step = step_lib.jit_train_step(mesh, rules, shardings, batch_keys=batch_keys, loss_fn=loss_fn,
                                  tx=tx, lr_fn=optim.learning_rate(config.optim, total_steps),
-                                 microbatches=int(tc.get("microbatches", 1)), ema_decay=ema_decay)
-  return tx, graphdef, abstract, shardings, step
+                                 microbatches=int(tc.get("microbatches", 1)), ema_decay=ema_decay,
+                                 frozen_shardings=frozen_sh)
+  return tx, graphdef, abstract, shardings, step, frozen
 
 
 def check_batch(tc: ml_collections.ConfigDict, mesh: Any, process_count: int) -> None:
@@ -215,6 +257,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   config = inherit_from_source(config, workdir, init_from)
   check_train_config(config)
   check_compatible(workdir, config)
+  _recorded_lora_base(config, workdir)
+  if lora.settings(config) and not init_from and not config.lora.get("base"):
+    raise UserError("LoRA (lora.rank > 0) adapts a trained model: pass --init_from=DIR (a dlm or"
+                    " converted workdir), whose weights stay frozen")
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -285,9 +331,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   # --- model, process, loss, optimizer ---
   model_cfg, process = loader.build(config, tok.vocab_size, tok.mask_id)
   total_steps = int(tc.steps)
-  tx, graphdef, abstract, shardings, train_step = make_train_step(
+  tx, graphdef, abstract, shardings, train_step, frozen_abstract = make_train_step(
       config, model_cfg, process, mesh, rules, data.batch_keys)
   apply = transformer.apply_fn(graphdef)
+  frozen = None  # LoRA: the base parameters, never updated nor saved here
+  if frozen_abstract is not None:
+    frozen = _lora_base(config, workdir, init_from, resuming, frozen_abstract)
+    meta = checkpoint.run_meta(config.to_dict(), _tokenizer_file(workdir))  # with its base
 
   # --- state: resume (falling back past unreadable checkpoints), warm start, or init ---
   mngr, start, state, data_state = checkpoint.resume(
@@ -298,6 +348,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     if is_main:
       print(f"resumed from {workdir}/checkpoints/{start}"
             + (f" (--init_from={init_from} ignored)" if init_from else ""))
+  elif frozen is not None:  # LoRA: fresh adapters on the frozen base
+    state = state_lib.warm_start(state_lib.init_adapters(model_cfg, config.seed, shardings.params),
+                                 tx, config.seed, shardings)
+    start = 0
+    if is_main:
+      print(f"LoRA adapters (rank {model_cfg.lora_rank}, alpha {model_cfg.lora_alpha:g}) on the"
+            f" frozen base {config.lora.base}/checkpoints/{config.lora.base_step}")
   elif init_from:
     src_step, params = _warm_start_params(init_from, config, abstract.params)
     state = state_lib.warm_start(params, tx, config.seed, shardings)
@@ -307,8 +364,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   else:
     state = state_lib.init_state(model_cfg, tx, config.seed, shardings)
     start = 0
+  n_params = transformer.count_params(state.params) + (
+      transformer.count_params(frozen) if frozen is not None else 0)
   if is_main:
-    n = transformer.count_params(state.params)
+    n = n_params
+    if frozen is not None:
+      print(f"training {transformer.count_params(state.params) / 1e6:.3f}M adapter parameters"
+            f" ({transformer.count_params(state.params) / n:.2%} of the model)")
     print(f"model: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, process {config.process.name},"
           f" mesh {dict(mesh.shape)}, rows of {config.data.seq_len} tokens from"
           f" {config.data.source}" + (f" (Python {data.meta['python_version']}, "
@@ -319,7 +381,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   eval_keys = ("tokens", "loss_mask")  # SFT rows also carry their segments and positions
   if isinstance(data.val_rows, dict):
     eval_keys += tuple(k for k in data.val_rows if k not in eval_keys)
-  eval_step = elbo.jit_eval_step(mesh, rules, shardings.params, batch_keys=eval_keys,
+  eval_param_sh = shardings.params if frozen is None else lora.combine(
+      jax.tree.map(lambda a: a.sharding, frozen_abstract), shardings.params)
+  eval_step = elbo.jit_eval_step(mesh, rules, eval_param_sh, batch_keys=eval_keys,
                                  model=apply, process=process,
                                  bd3_block_size=_bd3_block_size(config.model))
   all_finite = step_lib.jit_all_finite(shardings)
@@ -334,6 +398,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       rows = ({k: v[:max_rows] for k, v in rows.items()} if isinstance(rows, dict)
               else rows[:max_rows])
     params = st.ema_params if use_ema else st.params
+    if frozen is not None:
+      params = lora.combine(frozen, params)
     return elbo.evaluate(eval_step, params, rows, batch_size=int(config.eval.batch_size),
                          piece_bytes=piece_bytes, num_passes=passes, seed=int(config.eval.seed),
                          put=put_eval, progress=lambda _: watchdog.kick())
@@ -347,8 +413,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   writer = metrics_lib.MetricsWriter(workdir)
   tokens_per_step = tc.batch_size * config.data.seq_len
-  flops_per_step = mfu.train_flops(model_cfg, transformer.count_params(state.params),
-                                      tc.batch_size, config.data.seq_len)
+  flops_per_step = mfu.train_flops(model_cfg, n_params, tc.batch_size, config.data.seq_len)
   peak = mfu.peak_flops(float(tc.get("peak_flops", 0.0) or 0.0))
   profile = profile_range(tc.get("profile_steps", ""))
   data_s = 0.0  # host seconds spent waiting for batches since the last log
@@ -372,7 +437,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         t_data = time.perf_counter()
         batch = put(next(it))
         data_s += time.perf_counter() - t_data
-        state, m = train_step(state, batch)
+        state, m = train_step(state, batch) if frozen is None else train_step(state, batch, frozen)
         if profiling and step + 1 == profile[1]:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()

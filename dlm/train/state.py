@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlm import parallel
-from dlm.models import transformer
+from dlm.models import lora, transformer
 
 
 @flax.struct.dataclass
@@ -30,8 +30,14 @@ class TrainState:
 def state_shardings(model_cfg: transformer.ModelConfig, tx: optax.GradientTransformation,
                     mesh: Mesh, rules: parallel.Rules, *,
                     ema: bool = False) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-  """(graphdef, abstract TrainState, TrainState of NamedShardings)."""
+  """(graphdef, abstract TrainState, TrainState of NamedShardings).
+
+  A LoRA model (``model_cfg.lora_rank``) trains its adapters only: the state's params (and
+  optimizer and EMA) are ``lora.split``'s adapters; the frozen base is ``frozen_shardings``'.
+  """
   graphdef, abstract_params, specs = transformer.param_logical_specs(model_cfg)
+  if model_cfg.lora_rank:
+    abstract_params, specs = lora.split(abstract_params)[1], lora.split(specs)[1]
   param_sh = parallel.tree_shardings(specs, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = optax.tree_map_params(
@@ -49,6 +55,21 @@ def state_shardings(model_cfg: transformer.ModelConfig, tx: optax.GradientTransf
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return graphdef, abstract, shardings
+
+
+def frozen_shardings(model_cfg: transformer.ModelConfig, mesh: Mesh,
+                     rules: parallel.Rules) -> tuple[Any, Any]:
+  """(abstract base params with their shardings, the shardings) of a LoRA model's frozen part."""
+  _, abstract_params, specs = transformer.param_logical_specs(model_cfg)
+  base, base_specs = lora.split(abstract_params)[0], lora.split(specs)[0]
+  sh = parallel.tree_shardings(base_specs, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), base, sh), sh
+
+
+def init_adapters(model_cfg: transformer.ModelConfig, seed: int, shardings: Any) -> Any:
+  """Fresh LoRA adapters (A fan-in normal, B zero), made directly in their shardings."""
+  return jax.jit(lambda: lora.split(nnx.to_pure_dict(nnx.state(
+      transformer.init_model(model_cfg, seed))))[1], out_shardings=shardings)()
 
 
 def init_state(model_cfg: transformer.ModelConfig, tx: optax.GradientTransformation, seed: int,

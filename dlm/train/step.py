@@ -11,20 +11,26 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlm import parallel
+from dlm.models import lora
 from dlm.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callable[..., Any],
-               tx: optax.GradientTransformation, lr_fn: optax.Schedule, microbatches: int = 1,
+def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None, *,
+               loss_fn: Callable[..., Any], tx: optax.GradientTransformation,
+               lr_fn: optax.Schedule, microbatches: int = 1,
                ema_decay: float = 0.0) -> tuple[TrainState, Metrics]:
   """One AdamW update on the loss gradient, accumulated over ``microbatches``; EMA of the params.
 
   The step's randomness is fold_in(state.rng, step).  An update whose loss or
   gradient is not finite is skipped (params, optimizer and EMA unchanged) and
-  counted in ``nonfinite_total`` / ``nonfinite_streak``.
+  counted in ``nonfinite_total`` / ``nonfinite_streak``.  ``frozen``: parameters the loss
+  reads but the step never updates (a LoRA model's base; ``state.params`` its adapters).
   """
+  if frozen is not None:
+    inner = loss_fn
+    loss_fn = lambda p, b, r: inner(lora.combine(frozen, p), b, r)
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   loss, metrics, grads = accumulate_gradients(loss_fn, state.params, batch, rng, microbatches)
   grad_norm = optax.global_norm(grads)
@@ -103,11 +109,14 @@ def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
 
 
 def jit_train_step(mesh: Mesh, rules: parallel.Rules, shardings: TrainState, *,
-                   batch_keys: tuple[str, ...] = ("tokens",), **kw: Any):
-  """The train step jitted with the state's shardings, [batch, length] batches, donated state."""
+                   batch_keys: tuple[str, ...] = ("tokens",), frozen_shardings: Any = None,
+                   **kw: Any):
+  """The train step jitted with the state's shardings, [batch, length] batches, donated state;
+  with ``frozen_shardings`` it takes the frozen parameters third (``train_step``)."""
   batch_sh = {k: parallel.batch_sharding(mesh, rules) for k in batch_keys}
   fn = parallel.traced_in_mesh(functools.partial(train_step, **kw), mesh, rules)
-  return jax.jit(fn, in_shardings=(shardings, batch_sh),
+  extra = () if frozen_shardings is None else (frozen_shardings,)
+  return jax.jit(fn, in_shardings=(shardings, batch_sh) + extra,
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
 
