@@ -55,11 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # LLaDA's SFT objective (Alg. 2): t ~ U(0, 1], response tokens masked with probability t,
   # weighted 1/t.  Works for the masked, uniform and autoregressive processes alike.
   c.loss = ml_collections.ConfigDict({"name": "nelbo", "antithetic": True})
-  # LoRA (Hu et al. 2022): rank 0 = full fine-tuning; alpha 0 = rank (scale 1).  base and
-  # base_step are filled in by the run (the frozen --init_from checkpoint the adapters need).
-  c.lora = ml_collections.ConfigDict({
-      "rank": 0, "alpha": 0.0, "targets": "wq,wk,wv,wo,w_gate,w_up,w_out",
-      "base": ml_collections.FieldReference(None, field_type=str), "base_step": -1})
+  # LoRA (Hu et al. 2022): rank 0 = full fine-tuning; alpha 0 = rank (scale 1).  The frozen
+  # base is the --init_from checkpoint, recorded by the run as init.source / source_step.
+  c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 0.0,
+                                      "targets": "wq,wk,wv,wo,w_gate,w_up,w_out"})
   c.optim.lr = 2e-4
   c.optim.warmup_steps = 20
   c.optim.weight_decay = 0.0

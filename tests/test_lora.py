@@ -98,7 +98,7 @@ def test_adapter_only_checkpoints_on_a_frozen_base(runs):
   model_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(model.params))
   assert adapter_bytes < 0.06 * model_bytes, (adapter_bytes, model_bytes)
   cfg = json.loads((runs["lora"] / "config.json").read_text())
-  assert cfg["lora"]["base"] == str(runs["base"].resolve()) and cfg["lora"]["base_step"] == 60
+  assert cfg["init"]["source"] == str(runs["base"].resolve()) and cfg["init"]["source_step"] == 60
   frozen, adapters = lora.split(model.params)
   for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(base.params)):
     np.testing.assert_array_equal(a, b)  # the base never moved

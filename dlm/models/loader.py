@@ -245,11 +245,11 @@ def _meta_tokenizer_dir(step_dir: pathlib.Path, meta: dict[str, Any]) -> pathlib
 
 
 def _lora_base(config: Any, abstract: Any, path: pathlib.Path) -> Any:
-  """The frozen base parameters a LoRA run's config names (``lora.base`` / ``base_step``)."""
-  base, step = config.lora.get("base"), config.lora.get("base_step")
+  """The frozen base parameters a LoRA run's config names (``init.source`` / ``source_step``)."""
+  base, step = config.get("init", {}).get("source"), config.get("init", {}).get("source_step")
   if not base or step is None or int(step) < 0:
-    raise UserError(f"{path}: config.lora names no base checkpoint (lora.base); it was not"
-                    " written by dlm train")
+    raise UserError(f"{path}: its config names no base checkpoint (init.source) for its LoRA"
+                    " adapters; it was not written by dlm train")
   base_abstract = lora.split(abstract)[0]
   if not (pathlib.Path(base) / "config.json").is_file():
     raise UserError(f"{path} holds LoRA adapters of {base}, which is gone: restore it there")

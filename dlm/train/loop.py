@@ -158,37 +158,45 @@ def inherit_from_source(config: ml_collections.ConfigDict, workdir: pathlib.Path
   return ml_collections.ConfigDict(out)
 
 
-def _recorded_lora_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """A LoRA run resumed: ``config.lora.base`` / ``base_step`` as its first run recorded them."""
-  if not lora.settings(config) or not (workdir / checkpoint.CONFIG_FILE).is_file():
+def _recorded_source(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """A warm-started run resumed: ``config.init.source`` / ``source_step`` (the checkpoint its
+  first run started from: a LoRA run's frozen base, a GRPO run's reference) as recorded."""
+  if not (workdir / checkpoint.CONFIG_FILE).is_file():
     return
   saved = checkpoint.read_config(workdir)
-  if _get(saved, "lora.base"):
-    config.lora.base, config.lora.base_step = _get(saved, "lora.base"), _get(saved,
-                                                                               "lora.base_step")
+  if _get(saved, "init.source"):
+    _set_source(config, _get(saved, "init.source"), _get(saved, "init.source_step"))
 
 
-def _lora_base(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-               init_from: str | pathlib.Path | None, resuming: bool, abstract: Any) -> Any:
-  """A LoRA run's frozen base parameters: those of ``--init_from`` on a new run (recorded as
-  ``config.lora.base`` / ``base_step`` in the workdir's config.json), the recorded ones when
-  resuming."""
-  base, step = config.lora.get("base"), config.lora.get("base_step")
+def _set_source(config: ml_collections.ConfigDict, source: str, step: int) -> None:
+  with config.unlocked():  # a recipe from the command line is locked
+    if "init" not in config:
+      config.init = ml_collections.ConfigDict()
+    config.init.source, config.init.source_step = str(source), int(step)
+
+
+def source_params(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                  init_from: str | pathlib.Path | None, resuming: bool, abstract: Any,
+                  what: str) -> Any:
+  """The parameters of the checkpoint a run started from (``abstract``'s tree): ``--init_from``'s
+  newest on a new run, recorded as ``config.init.source`` / ``source_step`` in the workdir's
+  config.json; the recorded one when resuming.  ``what`` names the use in errors."""
+  source, step = config.get("init", {}).get("source"), config.get("init", {}).get("source_step")
   if resuming or not init_from:
-    if not base:
-      raise UserError("LoRA (lora.rank > 0) adapts a trained model: pass --init_from=DIR (a dlm"
-                      " or converted workdir), whose weights stay frozen")
-    if not (pathlib.Path(base) / checkpoint.CONFIG_FILE).is_file():
-      raise UserError(f"the LoRA base {base} of {workdir} is gone; restore it there (the"
-                      " adapters in this workdir need it)")
+    if not source:
+      raise UserError(f"{what} needs the trained model it starts from: pass --init_from=DIR (a"
+                      " dlm or converted workdir)")
+    if not (pathlib.Path(source) / checkpoint.CONFIG_FILE).is_file():
+      raise UserError(f"{workdir} started from {source}, which is gone; restore it there ({what}"
+                      " needs it)")
     try:
-      _, params = checkpoint.restore_params(base, abstract, int(step))
+      _, params = checkpoint.restore_params(source, abstract, int(step))
     except FileNotFoundError as e:
-      raise UserError(f"the LoRA base {base}: {e}; restore its checkpoint {step}") from None
+      raise UserError(f"{source}: {e}; restore its checkpoint {step} ({what} needs it)") from None
   else:
     step, params = _warm_start_params(init_from, config, abstract)
-    base = str(pathlib.Path(init_from).resolve())
-  config.lora.base, config.lora.base_step = str(base), int(step)
+    source = str(pathlib.Path(init_from).resolve())
+  _set_source(config, source, step)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config.to_dict())
   return params
@@ -257,8 +265,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   config = inherit_from_source(config, workdir, init_from)
   check_train_config(config)
   check_compatible(workdir, config)
-  _recorded_lora_base(config, workdir)
-  if lora.settings(config) and not init_from and not config.lora.get("base"):
+  _recorded_source(config, workdir)
+  if lora.settings(config) and not init_from and not config.get("init", {}).get("source"):
     raise UserError("LoRA (lora.rank > 0) adapts a trained model: pass --init_from=DIR (a dlm or"
                     " converted workdir), whose weights stay frozen")
   try:
@@ -336,7 +344,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   apply = transformer.apply_fn(graphdef)
   frozen = None  # LoRA: the base parameters, never updated nor saved here
   if frozen_abstract is not None:
-    frozen = _lora_base(config, workdir, init_from, resuming, frozen_abstract)
+    frozen = source_params(config, workdir, init_from, resuming, frozen_abstract, "LoRA")
     meta = checkpoint.run_meta(config.to_dict(), _tokenizer_file(workdir))  # with its base
 
   # --- state: resume (falling back past unreadable checkpoints), warm start, or init ---
@@ -354,13 +362,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     start = 0
     if is_main:
       print(f"LoRA adapters (rank {model_cfg.lora_rank}, alpha {model_cfg.lora_alpha:g}) on the"
-            f" frozen base {config.lora.base}/checkpoints/{config.lora.base_step}")
+            f" frozen base {config.init.source}/checkpoints/{config.init.source_step}")
   elif init_from:
-    src_step, params = _warm_start_params(init_from, config, abstract.params)
+    params = source_params(config, workdir, init_from, False, abstract.params, "--init_from")
     state = state_lib.warm_start(params, tx, config.seed, shardings)
     start = 0
+    meta = checkpoint.run_meta(config.to_dict(), _tokenizer_file(workdir))  # with its source
     if is_main:
-      print(f"initialized parameters from {init_from}/checkpoints/{src_step}")
+      print(f"initialized parameters from {init_from}/checkpoints/{config.init.source_step}")
   else:
     state = state_lib.init_state(model_cfg, tx, config.seed, shardings)
     start = 0
