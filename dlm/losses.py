@@ -217,3 +217,60 @@ def bd3_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   per_seq = bd3_block_nelbo(model, params, process, x0, x_t, t, block_size, loss_mask,
                             **denoiser_kwargs(batch))
   return _per_token(per_seq, loss_mask)
+
+
+def completion_logp(model: Callable[..., Any], params: Any, batch: dict[str, Array], *,
+                    mask_id: int, p_mask_prompt: float) -> Array:
+  """diffu-GRPO's one-step log-likelihood estimate (Zhao et al. 2025, sec. 3.1): log p(o_k | q')
+  [B, L] for every completion token, from one pass over the completion fully masked and the
+  prompt q' with each real token masked with probability ``p_mask_prompt``.
+
+  batch: "tokens" [B, L] (prompt | completion), "loss_mask" (completion positions),
+  "prompt_mask" (real prompt tokens), "attention_mask" (1 = real token), "mask_seed" [B, L]
+  (one seed per step: the prompt mask of row i is fold_in(key(seed), row_ids[i])).
+  """
+  x0 = batch["tokens"]
+  chex.assert_rank(x0, 2)
+  ids, _ = common.batch_rows(batch)
+  key = jax.random.key(batch["mask_seed"][0, 0])
+  u = common.row_uniform(key, ids, x0.shape[1:])
+  masked = (batch["loss_mask"] > 0) | ((batch["prompt_mask"] > 0) & (u < p_mask_prompt))
+  x_in = jnp.where(masked, mask_id, x0)
+  t = jnp.ones((x0.shape[0],), jnp.float32)  # every completion token masked
+  logits, _ = model(params, x_in, t, attention_mask=batch["attention_mask"])
+  return -common.nll_at(logits, x0)
+
+
+@LOSSES.register("grpo")
+def grpo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
+              model: Callable[..., Any], process: Process,
+              config: Any) -> tuple[Array, Metrics]:
+  """diffu-GRPO (Zhao et al. 2025, eq. 3 with sec. 3.1's estimate): per completion token
+  -min(r A, clip(r, 1 - eps, 1 + eps) A) + beta KL_k3, r = exp(log pi - log pi_old),
+  KL_k3 = exp(ref - log pi) - (ref - log pi) - 1, summed over completion tokens / their count.
+
+  batch (from ``dlm.train.grpo``): ``completion_logp``'s keys, "advantages" [B, L] (the row's
+  group-relative advantage, broadcast), "old_logp" and "ref_logp" [B, L] (absent: pi_old is
+  pi, detached, as with one inner iteration; no KL).  config.loss: epsilon, beta,
+  p_mask_prompt, mask_id.
+  """
+  del rng  # the prompt mask is the rollout's (mask_seed): pi_old saw the same one
+  eps, beta = float(_cfg_get(config, "epsilon", 0.2)), float(_cfg_get(config, "beta", 0.04))
+  logp = completion_logp(model, params, batch, mask_id=int(_cfg_get(config, "mask_id", 0)),
+                         p_mask_prompt=float(_cfg_get(config, "p_mask_prompt", 0.15)))
+  comp = batch["loss_mask"].astype(jnp.float32)
+  old = batch.get("old_logp")
+  old = jax.lax.stop_gradient(logp) if old is None else old
+  ratio = jnp.exp(logp - old)
+  adv = batch["advantages"].astype(jnp.float32)
+  per_token = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - eps, 1.0 + eps) * adv)
+  n = jnp.maximum(jnp.sum(comp), 1.0)
+  kl = jnp.zeros_like(logp)
+  if "ref_logp" in batch and beta:
+    d = batch["ref_logp"] - logp
+    kl = jnp.exp(d) - d - 1.0
+    per_token = per_token + beta * kl
+  loss = jnp.sum(per_token * comp) / n
+  clipped = (jnp.abs(ratio - 1.0) > eps).astype(jnp.float32)
+  return loss, {"loss": loss, "nelbo_sum": jnp.sum(per_token * comp), "num_tokens": jnp.sum(comp),
+                "kl": jnp.sum(kl * comp) / n, "clip_ratio": jnp.sum(clipped * comp) / n}

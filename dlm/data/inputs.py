@@ -24,7 +24,7 @@ import numpy as np
 from dlm.data import pipeline
 from dlm.data import tokenizer as tokenizer_lib
 
-IN_MEMORY_SOURCES = ("stdlib", "sft")
+IN_MEMORY_SOURCES = ("stdlib", "sft", "grpo")
 
 
 @dataclasses.dataclass
@@ -34,6 +34,7 @@ class TrainInput:
   val_rows: np.ndarray | dict[str, np.ndarray]  # int32 [M, L], or SFT rows (sft.KEYS)
   meta: dict[str, Any]
   batch_keys: tuple[str, ...]
+  prompts: Any = None  # GRPO: the (train, validation) prompt sets the rollouts read
 
 
 def _tokenizer(data_cfg: Any, workdir: pathlib.Path, docs: Any, seed: int) -> tokenizer_lib.Tokenizer:
@@ -69,11 +70,16 @@ def batch_keys(data_cfg: Any) -> tuple[str, ...]:
 
 def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: int, seed: int,
                      process_index: int = 0, process_count: int = 1,
-                     max_val_rows: int = 0, ids: dict[str, Any] | None = None) -> TrainInput:
+                     max_val_rows: int = 0, ids: dict[str, Any] | None = None,
+                     group_size: int = 1) -> TrainInput:
   """``batch_size`` is per process; ``max_val_rows`` bounds a streamed validation set (0 = 4096).
   ``ids``: the special ids of an imported model (config.hf.ids), whose tokenizer is a
-  tokenizer.json that does not name them."""
+  tokenizer.json that does not name them.  ``group_size``: GRPO's completions per prompt (its
+  iterator yields batch_size / group_size prompt indices)."""
   workdir = pathlib.Path(workdir)
+  if data_cfg.source == "grpo":
+    return _grpo_input(data_cfg, workdir, prompts=batch_size // group_size, seed=seed,
+                       process_index=process_index, process_count=process_count, ids=ids)
   if data_cfg.source == "sft":
     return _sft_input(data_cfg, workdir, batch_size=batch_size, seed=seed,
                       process_index=process_index, process_count=process_count, ids=ids)
@@ -130,6 +136,30 @@ def _sft_input(data_cfg: Any, workdir: pathlib.Path, *, batch_size: int, seed: i
   it = pipeline.train_iterator(data.train_rows, batch_size=batch_size, seed=seed,
                                process_index=process_index, process_count=process_count)
   return TrainInput(tok, it, data.val_rows, dict(data.meta), sft.KEYS)
+
+
+def _grpo_input(data_cfg: Any, workdir: pathlib.Path, *, prompts: int, seed: int,
+                process_index: int, process_count: int, ids: dict[str, Any] | None) -> TrainInput:
+  """Prompt indices for GRPO rollouts (``rl_prompts.py``), with the workdir's tokenizer; without
+  one (no --init_from) a tokenizer is trained on the prompts' text."""
+  from dlm.data import chat, rl_prompts
+  tok = workdir_tokenizer(workdir, data_cfg, ids)
+  if tok is None:
+    from dlm.data import corpora
+    corpus = corpora.load_corpus("stdlib", root=data_cfg.get("root"),
+                                 val_permille=int(data_cfg.get("val_permille", 50)),
+                                 invalid_utf8=data_cfg.get("invalid_utf8", "fail"))
+    tok = pipeline.load_or_train_tokenizer(
+        workdir / pipeline.TOKENIZER_FILE, corpus.train, vocab_size=int(data_cfg.vocab_size),
+        max_chars=int(data_cfg.tokenizer_max_chars))
+  pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+  template = chat.resolve(str(data_cfg.grpo.get("chat_template", "auto")), tok)
+  train, val, meta = rl_prompts.load(data_cfg, tok, max_prompt_length=int(
+      data_cfg.grpo.max_prompt_length), pad_id=int(pad), template=template)
+  rows = {"tokens": train.ids, "index": np.arange(len(train.texts), dtype=np.int32)[:, None]}
+  it = pipeline.train_iterator(rows, batch_size=prompts, seed=seed, process_index=process_index,
+                               process_count=process_count)
+  return TrainInput(tok, it, None, meta, (), prompts=(train, val))
 
 
 def _streamed_val_rows(data_cfg: Any, val_docs: Any, tok: tokenizer_lib.Tokenizer,

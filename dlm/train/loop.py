@@ -20,7 +20,7 @@ from dlm.errors import UserError
 from dlm.eval import elbo
 from dlm.models import loader, lora, transformer
 from dlm import checkpoint
-from dlm.train import metrics as metrics_lib, mfu, optim, preemption
+from dlm.train import grpo, metrics as metrics_lib, mfu, optim, preemption
 from dlm.train import state as state_lib, step as step_lib
 
 # Config entries that fix the shapes of what is saved in a workdir.
@@ -202,6 +202,44 @@ def source_params(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   return params
 
 
+def _rollouts(config: ml_collections.ConfigDict, data: Any, model_cfg: Any, process: Any,
+              apply: Any, mesh: Any, rules: Any, shardings: Any, frozen: Any,
+              frozen_abstract: Any, put: Any, workdir: pathlib.Path, init_from: Any,
+              resuming: bool, abstract: Any) -> grpo.Rollouts:
+  """GRPO's batch source over this run's model: the sampling engine on the training mesh and
+  parameters, the reference model (beta > 0) kept as d1 does: a LoRA run's base (adapters
+  off), else the checkpoint the run started from (else its initialization)."""
+  tok = data.tokenizer
+  ids = (dict(config.hf.ids) if "hf" in config else
+         {"mask": tok.mask_id, "eos": tok.eos_id, "pad": tok.pad_id, "bos": tok.bos_id})
+  model = loader.DiffusionLM(config=config, model_cfg=model_cfg, params=None, ids=ids,
+                             tokenizer=tok, apply=apply, process=process, mesh=mesh, rules=rules,
+                             keep_sampling_params=False)  # new weights every rollout
+  param_sh = shardings.params if frozen is None else lora.combine(
+      jax.tree.map(lambda a: a.sharding, frozen_abstract), shardings.params)
+  logp = grpo.logp_fn(apply, int(process.mask_id), float(config.loss.get("p_mask_prompt", 0.15)),
+                      param_sh, mesh, rules, grpo.BUFFER_KEYS + ("mask_seed",))
+  kept: list[Any] = []
+
+  def ref_params() -> Any:
+    if not kept:
+      if frozen is not None:
+        zeros = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype, device=a.sharding),
+                             abstract.params)
+        kept.append(lora.combine(frozen, zeros))
+      elif init_from or config.get("init", {}).get("source"):
+        kept.append(source_params(config, workdir, init_from, resuming, abstract.params,
+                                  "GRPO's reference model"))
+      else:  # trained from scratch: the reference is the initialization (same seed)
+        tx = optim.make_optimizer(config.optim, int(config.train.steps))
+        kept.append(state_lib.init_state(model_cfg, tx, config.seed, shardings).params)
+    return kept[0]
+
+  train, val = data.prompts
+  return grpo.Rollouts(config, prompts=data.iterator, train_prompts=train, val_prompts=val,
+                       model=model, logp_fn=logp, put=put, ref_params=ref_params)
+
+
 def make_train_step(config: ml_collections.ConfigDict, model_cfg: transformer.ModelConfig,
                     process: Any, mesh: Any, rules: Any, batch_keys: tuple[str, ...]):
   """(tx, graphdef, abstract TrainState, its shardings, jitted train step, abstract frozen
@@ -300,6 +338,8 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
   seq_len = config.data.get("seq_len")
   if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
     raise UserError(f"data.seq_len={seq_len!r} must be an integer >= 1; fix --config.data.seq_len")
+  if config.data.get("source") == "grpo":
+    grpo.check(config)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -321,6 +361,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   check_batch(tc, mesh, jax.process_count())
   check_blocks(config)
 
+  data_is_grpo = config.data.source == "grpo"
+  if data_is_grpo and jax.process_count() > 1:
+    raise UserError("GRPO rollouts run in one process for now (sharded over its devices); run"
+                    " configs/grpo.py on one host")
   # --- data: process 0 trains the tokenizer and fills the cache, the others then load it ---
   if not is_main:
     distributed.barrier("dlm_prepare")
@@ -328,7 +372,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       config.data, workdir, batch_size=tc.batch_size // jax.process_count(),
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       max_val_rows=int(config.eval.max_rows),
-      ids=dict(config.hf.ids) if "hf" in config else None)
+      ids=dict(config.hf.ids) if "hf" in config else None,
+      group_size=int(config.grpo.num_generations) if data_is_grpo else 1)
   if is_main:
     distributed.barrier("dlm_prepare")
   tok = data.tokenizer
@@ -339,8 +384,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   # --- model, process, loss, optimizer ---
   model_cfg, process = loader.build(config, tok.vocab_size, tok.mask_id)
   total_steps = int(tc.steps)
+  batch_keys = data.batch_keys
+  if data_is_grpo:
+    with config.unlocked():
+      config.loss.mask_id = int(process.mask_id)  # the loss masks with the model's own id
+    batch_keys = grpo.batch_keys(config.grpo, float(config.loss.get("beta", 0.04)))
   tx, graphdef, abstract, shardings, train_step, frozen_abstract = make_train_step(
-      config, model_cfg, process, mesh, rules, data.batch_keys)
+      config, model_cfg, process, mesh, rules, batch_keys)
   apply = transformer.apply_fn(graphdef)
   frozen = None  # LoRA: the base parameters, never updated nor saved here
   if frozen_abstract is not None:
@@ -351,6 +401,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   mngr, start, state, data_state = checkpoint.resume(
       workdir, abstract, max_to_keep=int(tc.max_to_keep), keep_best=bool(tc.get("keep_best", True)))
   it = data.iterator
+  put = functools.partial(parallel.global_batch, mesh=mesh, rules=rules)
+  rollouts = None
+  if data_is_grpo:  # the batch source: rollouts of the current policy; it is what is checkpointed
+    rollouts = _rollouts(config, data, model_cfg, process, apply, mesh, rules, shardings, frozen,
+                         frozen_abstract, put, workdir, init_from, start is not None, abstract)
+    it = rollouts
   if start is not None:
     it.set_state(data_state)
     if is_main:
@@ -384,7 +440,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           f" mesh {dict(mesh.shape)}, rows of {config.data.seq_len} tokens from"
           f" {config.data.source}" + (f" (Python {data.meta['python_version']}, "
                                       f"{data.meta['train_rows']} train rows)"
-                                      if "python_version" in data.meta else ""))
+                                      if "train_rows" in data.meta else ""))
 
   # --- steps ---
   eval_keys = ("tokens", "loss_mask")  # SFT rows also carry their segments and positions
@@ -396,7 +452,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                  model=apply, process=process,
                                  bd3_block_size=_bd3_block_size(config.model))
   all_finite = step_lib.jit_all_finite(shardings)
-  put = functools.partial(parallel.global_batch, mesh=mesh, rules=rules)
   put_eval = functools.partial(parallel.replicated_batch, mesh=mesh, rules=rules)
   piece_bytes = tok.piece_bytes()
   use_ema = ema_decay > 0 and bool(config.eval.get("use_ema", True))
@@ -409,6 +464,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     params = st.ema_params if use_ema else st.params
     if frozen is not None:
       params = lora.combine(frozen, params)
+    if rollouts is not None:  # GRPO: the validation prompts' rewards
+      return rollouts.evaluate(params)
     return elbo.evaluate(eval_step, params, rows, batch_size=int(config.eval.batch_size),
                          piece_bytes=piece_bytes, num_passes=passes, seed=int(config.eval.seed),
                          put=put_eval, progress=lambda _: watchdog.kick())
@@ -444,7 +501,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           jax.profiler.start_trace(str(workdir / "profile"))
           profiling = True
         t_data = time.perf_counter()
-        batch = put(next(it))
+        if rollouts is not None:
+          raw, rollout_metrics = rollouts.batch(
+              state.params if frozen is None else lora.combine(frozen, state.params), step)
+          if rollout_metrics:
+            writer.write(step + 1, rollout_metrics)
+            bar.set_postfix(reward=f"{rollout_metrics['reward']:.3f}")
+          batch = put(raw)
+        else:
+          batch = put(next(it))
         data_s += time.perf_counter() - t_data
         state, m = train_step(state, batch) if frozen is None else train_step(state, batch, frozen)
         if profiling and step + 1 == profile[1]:
@@ -474,7 +539,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           m["mfu"] = flops_per_step / m["step_s"] / peak
           t_last, last_step, data_s = now, step, 0.0
           writer.write(step, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu",
-                                                "step_s", "data_s", "nonfinite_total")})
+                                                "step_s", "data_s", "nonfinite_total", "kl",
+                                                "clip_ratio") if k in m})
           bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
                           mfu=f"{m['mfu']:.1%}", step=f"{m['step_s'] * 1e3:.0f}ms",
                           data=f"{m['data_s'] * 1e3:.0f}ms")
@@ -482,12 +548,19 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         val_loss = None
         if step % tc.eval_every == 0 or step == total_steps:
           ev = run_eval(state, int(config.eval.periodic_rows), 1)
-          val_loss = ev["nelbo_per_token"]
-          writer.write(step, {k: ev[k] for k in ("bits_per_byte", "nelbo_per_token", "ppl_bound")},
-                       prefix="val_")
-          if is_main:
-            bar.write(f"step {step}: val bits/byte {ev['bits_per_byte']:.4f},"
-                      f" ppl bound {ev['ppl_bound']:.2f}")
+          if rollouts is not None:
+            val_loss = -ev["reward"]  # the best checkpoint: the highest validation reward
+            writer.write(step, ev, prefix="val_")
+            if is_main:
+              bar.write(f"step {step}: val reward {ev['reward']:.4f} (greedy, "
+                        f"{len(data.prompts[1].texts)} prompts)")
+          else:
+            val_loss = ev["nelbo_per_token"]
+            writer.write(step, {k: ev[k] for k in ("bits_per_byte", "nelbo_per_token",
+                                                   "ppl_bound")}, prefix="val_")
+            if is_main:
+              bar.write(f"step {step}: val bits/byte {ev['bits_per_byte']:.4f},"
+                        f" ppl bound {ev['ppl_bound']:.2f}")
         limit = float(tc.time_limit_s)
         if stop.stop_at(step) and step < total_steps:
           stop_reason = stop.signal_name or "signal"

@@ -57,7 +57,39 @@ def _read(workdir: pathlib.Path) -> list[dict[str, Any]]:
   return records
 
 
+def _curve(ax: Any, records: list[dict[str, Any]], key: str, label: str, color: str) -> None:
+  """A noisy training series, with its EMA when long enough."""
+  steps, values = series(records, key)
+  smooth = len(values) > SMOOTH_MIN_POINTS
+  ax.plot(steps, values, lw=0.8, alpha=0.4 if smooth else 1.0, color=color, label=label)
+  if smooth:
+    ax.plot(steps, ema(values, max(5, len(values) // 20)), lw=1.8, color=color,
+            label=f"{label} (EMA)")
+
+
+def _draw_rl(fig: Figure, records: list[dict[str, Any]], title: str) -> None:
+  """Reinforcement learning (GRPO): the surrogate loss, the rewards, the KL to the reference."""
+  ax_loss, ax_reward, ax_kl = fig.subplots(1, 3)
+  _curve(ax_loss, records, "loss", "train", "C0")
+  ax_loss.set(title="GRPO loss", xlabel="step", ylabel="loss")
+  _curve(ax_reward, records, "reward", "rollouts (sampled)", "C0")
+  vsteps, vreward = series(records, "val_reward")
+  if vsteps:
+    ax_reward.plot(vsteps, vreward, "o-", ms=4, color="C1", label="validation (greedy)")
+  ax_reward.set(title="mean reward", xlabel="step", ylabel="reward")
+  _curve(ax_kl, records, "kl", "KL to the reference", "C2")
+  ax_kl.set(title="KL (k3 estimate, per token)", xlabel="step", ylabel="nats")
+  for ax in (ax_loss, ax_reward, ax_kl):
+    ax.grid(True, alpha=0.3)
+    if ax.get_lines():
+      ax.legend(loc="best")
+  fig.suptitle(title)
+  fig.tight_layout()
+
+
 def _draw(fig: Figure, records: list[dict[str, Any]], title: str) -> None:
+  if any("reward" in r for r in records):
+    return _draw_rl(fig, records, title)
   ax_loss, ax_right = fig.subplots(1, 2)
   steps, loss = series(records, "loss")
   smooth = len(loss) > SMOOTH_MIN_POINTS
@@ -104,7 +136,8 @@ def plot_curves(workdir: str | os.PathLike, out: str | os.PathLike | None = None
   if not out.parent.is_dir():
     raise UserError(f"directory {out.parent} of --out={out} does not exist; create it first")
   last_step = max((int(r["step"]) for r in records if "step" in r), default=0)
-  fig = Figure(figsize=FIGSIZE, dpi=DPI)
+  rl = any("reward" in r for r in records)
+  fig = Figure(figsize=(14, 4) if rl else FIGSIZE, dpi=DPI)
   FigureCanvasAgg(fig)
   _draw(fig, records, f"{workdir.resolve().name}: step {last_step}")
   tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
