@@ -69,8 +69,9 @@ def _per_token(nelbo_per_seq: Array, loss_mask: Array) -> tuple[Array, Metrics]:
 
 
 def denoiser_kwargs(batch: dict[str, Array]) -> dict[str, Array]:
-  """Packed-row structure the denoiser needs: segment ids and in-document positions."""
-  return {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+  """Packed-row structure the denoiser needs: segment ids and in-document positions; and the
+  training step (``train_step`` adds it: an annealed attention mask follows it)."""
+  return {k: batch[k] for k in ("segment_ids", "positions", "step") if k in batch}
 
 
 def _logits(model: Callable[..., Array], params: Any, x_t: Array,

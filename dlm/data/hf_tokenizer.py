@@ -60,6 +60,17 @@ class HFTokenizer:
   def encode(self, text: str) -> list[int]:
     return list(self._tok.encode(text, add_special_tokens=False).ids)
 
+  def encode_chunks(self, pieces: Iterable[str], *, chunk_chars: int) -> Iterable[np.ndarray]:
+    """int32 ids of the text made of ``pieces``, chunk by chunk (``tokenizer.text_chunks``)."""
+    from dlm.data.tokenizer import text_chunks
+    for chunk in text_chunks(pieces, chunk_chars):
+      yield np.asarray(self.encode(chunk), dtype=np.int32)
+
+  def fingerprint(self) -> str:
+    """crc32 of tokenizer.json, to tie token caches to this exact tokenizer."""
+    import zlib
+    return f"{zlib.crc32((self.folder / 'tokenizer.json').read_bytes()):08x}"
+
   def decode(self, ids: Iterable[int]) -> str:
     drop = {self.mask_id, self.pad_id} - {None}
     return self._tok.decode([int(i) for i in ids if int(i) not in drop],

@@ -84,7 +84,9 @@ def make_train_input(data_cfg: Any, workdir: str | os.PathLike, *, batch_size: i
     return _sft_input(data_cfg, workdir, batch_size=batch_size, seed=seed,
                       process_index=process_index, process_count=process_count, ids=ids)
   if data_cfg.source in IN_MEMORY_SOURCES:
-    data = pipeline.prepare(data_cfg, workdir)
+    # an imported model (ids given) keeps its tokenizer.json; a dlm run trains or loads its own
+    given = workdir_tokenizer(workdir, data_cfg, ids) if ids else None
+    data = pipeline.prepare(data_cfg, workdir, given)
     it = pipeline.train_iterator(data.train_rows, batch_size=batch_size, seed=seed,
                                  process_index=process_index, process_count=process_count)
     meta = dict(data.meta, train_rows=len(data.train_rows))
@@ -197,7 +199,8 @@ def validation_rows(data_cfg: Any, workdir: str | os.PathLike,
     rows = data.val_rows
     return ({k: v[:max_rows] for k, v in rows.items()} if max_rows else rows), data.meta
   if data_cfg.source in IN_MEMORY_SOURCES:
-    data = pipeline.prepare(data_cfg, workdir)
+    data = pipeline.prepare(data_cfg, workdir, workdir_tokenizer(workdir, data_cfg, ids)
+                            if ids else None)
     rows = data.val_rows[:max_rows] if max_rows else data.val_rows
     return rows, data.meta
   from dlm.data import sources

@@ -234,19 +234,22 @@ def _build_streams(data_dir: pathlib.Path, key: dict[str, Any],
 
 
 def _corpus_and_tokenizer(data_cfg: ml_collections.ConfigDict,
-                          workdir: pathlib.Path
+                          workdir: pathlib.Path, tok: Any = None
                           ) -> tuple[corpora.Corpus, tokenizer_lib.Tokenizer]:
-  """The corpus (with data.invalid_utf8) and the workdir's tokenizer."""
+  """The corpus (with data.invalid_utf8) and the workdir's tokenizer (``tok``: a given one,
+  e.g. an imported model's tokenizer.json)."""
   corpus = corpora.load_corpus(
       data_cfg.source, root=data_cfg.root, val_permille=data_cfg.val_permille,
       invalid_utf8=data_cfg.get("invalid_utf8", "fail"))
+  if tok is not None:
+    return corpus, tok
   tok = load_or_train_tokenizer(
       workdir / TOKENIZER_FILE, corpus.train, vocab_size=data_cfg.vocab_size,
       max_chars=data_cfg.tokenizer_max_chars)
   return corpus, tok
 
 
-def _streams(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path
+def _streams(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tok: Any = None
              ) -> tuple[tokenizer_lib.Tokenizer, np.ndarray, np.ndarray, dict]:
   """(tokenizer, train stream, val stream, meta), from the cache or built.
 
@@ -255,7 +258,7 @@ def _streams(data_cfg: ml_collections.ConfigDict, workdir: pathlib.Path
   """
   chunk_chars = tokenizer_lib.check_chunk_chars(data_cfg.get(
       "tokenize_chunk_chars", tokenizer_lib.TOKENIZE_CHUNK_CHARS))
-  corpus, tok = _corpus_and_tokenizer(data_cfg, workdir)
+  corpus, tok = _corpus_and_tokenizer(data_cfg, workdir, tok)
   data_dir = workdir / DATA_DIR
   key = _cache_key(data_cfg, corpus, tok, chunk_chars)
   cached = _load_cached_streams(data_dir, key)
@@ -280,7 +283,7 @@ def _rows_or_raise(stream: np.ndarray, seq_len: int, split: str) -> np.ndarray:
 
 
 def prepare(data_cfg: ml_collections.ConfigDict,
-            workdir: str | os.PathLike[str]) -> PreparedData:
+            workdir: str | os.PathLike[str], tokenizer: Any = None) -> PreparedData:
   """Corpus -> tokenizer -> cached token streams -> packed rows.
 
   Args:
@@ -298,7 +301,7 @@ def prepare(data_cfg: ml_collections.ConfigDict,
   """
   _check_config(data_cfg)
   workdir = pathlib.Path(workdir)
-  tok, train, val, meta = _streams(data_cfg, workdir)
+  tok, train, val, meta = _streams(data_cfg, workdir, tokenizer)
   meta = {**meta, "seq_len": int(data_cfg.seq_len)}
   train_rows = _rows_or_raise(train, data_cfg.seq_len, "train")
   val_rows = _rows_or_raise(val, data_cfg.seq_len, "val")

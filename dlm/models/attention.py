@@ -37,7 +37,7 @@ from dlm import parallel
 
 Array = jax.Array
 BACKENDS = ("xla", "cudnn", "splash")
-MASK_KINDS = ("bidirectional", "causal", "block_causal", "bd3")
+MASK_KINDS = ("bidirectional", "causal", "block_causal", "bd3", "annealed")
 SPLASH_BLOCK = 128  # splash tiles: sequence lengths must be multiples of this
 
 
@@ -48,13 +48,26 @@ def check(backend: str, kind: str, block_size: int) -> None:
     raise ValueError(f"model.mask_kind={kind!r} unknown; use one of {list(MASK_KINDS)}")
   if kind in ("block_causal", "bd3") and block_size < 1:
     raise ValueError(f"model.mask_kind={kind!r} needs model.block_size >= 1")
+  if kind == "annealed" and backend == "splash":
+    raise ValueError("model.mask_kind='annealed' draws a random mask per step: use"
+                     " model.attention='xla' or 'cudnn'")
+
+
+def annealed_visible(step: Array, anneal_steps: int, length: int) -> Array:
+  """DiffuLLaMA's attention-mask annealing (Gong et al. 2024, sec. 3.2): [L, L] bool, causal
+  plus each key after the query visible with probability min(1, step / anneal_steps), one
+  draw per step shared by the batch; fully bidirectional from step ``anneal_steps`` on."""
+  ratio = jnp.clip(step.astype(jnp.float32) / max(int(anneal_steps), 1), 0.0, 1.0)
+  u = jax.random.uniform(jax.random.fold_in(jax.random.key(0), step), (length, length))
+  causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
+  return causal | (u < ratio)
 
 
 def kind_mask(kind: str, block_size: int, q_len: int, kv_len: int, q_offset: int = 0) -> np.ndarray:
   """Static [Lq, Lk] bool: which keys each query may see by position alone."""
   i = np.arange(q_len)[:, None] + q_offset
   j = np.arange(kv_len)[None, :]
-  if kind == "bidirectional":
+  if kind in ("bidirectional", "annealed"):  # annealed: bidirectional once trained (no step)
     return np.ones((q_len, kv_len), bool)
   if kind == "causal":
     return j <= i
@@ -82,10 +95,13 @@ def bd3_mask(length: int, block_size: int) -> np.ndarray:
 
 def dense_mask(kind: str, block_size: int, q_len: int, kv_len: int, *,
                segment_ids: Array | None = None, attention_mask: Array | None = None,
-               q_offset: int = 0) -> Array | None:
-  """The boolean mask [B or 1, 1, Lq, Lk] of the module docstring (None: attend everywhere)."""
+               q_offset: int = 0, visible: Array | None = None) -> Array | None:
+  """The boolean mask [B or 1, 1, Lq, Lk] of the module docstring (None: attend everywhere).
+  ``visible`` [Lq, Lk] replaces the kind's position mask (``annealed_visible``)."""
   mask = None
-  if kind != "bidirectional":
+  if visible is not None:
+    mask = visible[None, None]
+  elif kind not in ("bidirectional", "annealed"):
     mask = jnp.asarray(kind_mask(kind, block_size, q_len, kv_len, q_offset))[None, None]
   if segment_ids is not None:
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
@@ -98,7 +114,8 @@ def dense_mask(kind: str, block_size: int, q_len: int, kv_len: int, *,
 
 def attend(q: Array, k: Array, v: Array, *, backend: str = "xla", kind: str = "bidirectional",
            block_size: int = 0, segment_ids: Array | None = None,
-           attention_mask: Array | None = None, q_offset: int = 0) -> Array:
+           attention_mask: Array | None = None, q_offset: int = 0,
+           visible: Array | None = None) -> Array:
   """q: [B, Lq, N, H]; k, v: [B, Lk, K, H] with K dividing N (GQA) -> [B, Lq, N, H].
 
   ``segment_ids`` / ``attention_mask`` ([B, Lk], 1 = real) are the keys' (and, for
@@ -111,8 +128,10 @@ def attend(q: Array, k: Array, v: Array, *, backend: str = "xla", kind: str = "b
       raise ValueError("model.attention='splash' runs full-sequence passes; a KV-cached window"
                        " pass needs model.attention='xla' or 'cudnn'")
     return _splash(q, k, v, kind, block_size, segment_ids, attention_mask)
+  if kind == "annealed" and visible is None:
+    kind = "bidirectional"
   mask = dense_mask(kind, block_size, q.shape[1], k.shape[1], segment_ids=segment_ids,
-                    attention_mask=attention_mask, q_offset=q_offset)
+                    attention_mask=attention_mask, q_offset=q_offset, visible=visible)
   if backend == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
   return _xla(q, k, v, mask)

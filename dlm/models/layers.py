@@ -185,10 +185,11 @@ class Attention(nnx.Module):
       k = rope(k.astype(dt), positions, self.rope_theta, cos_sin=k_rot)
       if rotated_cache:
         k_new = jnp.swapaxes(k, 1, 2)
-      segment_ids, attention_mask = masks
+      segment_ids, attention_mask = masks[:2]
+      visible = masks[2] if len(masks) > 2 else None  # an annealed mask's step draw
       out = attention.attend(q, k, v.astype(dt), backend=self.backend, kind=self.mask_kind,
                              block_size=self.block_size, segment_ids=segment_ids,
-                             attention_mask=attention_mask)  # scale 1/sqrt(H)
+                             attention_mask=attention_mask, visible=visible)  # scale 1/sqrt(H)
     else:
       k_all, v_all, start = kv
       if rotated_cache:  # the window's keys at the queries' positions

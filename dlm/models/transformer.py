@@ -61,6 +61,9 @@ class ModelConfig:
   attention: str = "xla"
   mask_kind: str = "bidirectional"
   block_size: int = 0
+  # mask_kind "annealed" (DiffuLLaMA): causal + random keys, visible with probability
+  # step / anneal_steps during training; bidirectional from anneal_steps on (and when sampling)
+  anneal_steps: int = 0
   # LoRA adapters on these projections (config.lora, dlm/models/lora.py); rank 0 = none
   lora_rank: int = 0
   lora_alpha: float = 0.0
@@ -175,7 +178,7 @@ class Transformer(nnx.Module):
   def __call__(self, x_t: Array, t: Array | None = None, *, attention_mask: Array | None = None,
                segment_ids: Array | None = None, positions: Array | None = None,
                cache: cache_lib.KVCache | None = None, cache_start: Array | None = None,
-               fill_cache: bool = False, raw_logits: bool = False
+               fill_cache: bool = False, raw_logits: bool = False, step: Array | None = None
                ) -> tuple[Array, cache_lib.KVCache | None]:
     """The denoiser contract: x_t int [B, L], t float [B] or None -> (logits f32 [B, L, V], cache).
 
@@ -185,6 +188,8 @@ class Transformer(nnx.Module):
     ``attention_mask`` (1 = real token) masks keys; left-padded rows get positions
     per ``pad_positions``; with ``cache`` it is the mask of all L cached keys.
     ``segment_ids`` / ``positions`` [B, L]: packed rows.  KV cache (see cache.py):
+    ``step``: the training step, which an ``annealed`` model's attention mask follows
+    (``attention.annealed_visible``; None: bidirectional).
     ``fill_cache=True`` returns this pass's KVCache; with ``cache`` and ``cache_start``,
     x_t is the window of tokens at [cache_start, cache_start + W) of the cached
     sequence, and the cache comes back as given, or with ``fill_cache=True`` with the
@@ -214,6 +219,8 @@ class Transformer(nnx.Module):
         rotations = tuple(tuple(jnp.broadcast_to(a, (b, *a.shape[1:])) for a in r)
                           for r in (q_rot, k_rot))
     mask = (segment_ids, attention_mask)
+    if cfg.mask_kind == "annealed" and step is not None and cache is None:
+      mask = mask + (attention_lib.annealed_visible(jnp.asarray(step), cfg.anneal_steps, l),)
     if cache is not None and (segment_ids is not None
                               or (attention_mask is not None and cfg.pad_positions != "index")):
       raise ValueError("a KV-cached window pass takes no segment_ids, and needs, with an"

@@ -47,6 +47,17 @@ def _model_fields(model: Any) -> Any:
   return out
 
 
+# Model fields that change how parameters are used, not what they are: a warm start may change
+# them (adapting an autoregressive model into a diffusion one: its mask and logit shift).
+_USE_FIELDS = ("mask_kind", "block_size", "anneal_steps", "shift_logits", "pad_positions")
+
+
+def _param_fields(model: Any) -> Any:
+  fields = _model_fields(model)
+  return {k: v for k, v in fields.items() if k not in _USE_FIELDS} if isinstance(
+      fields, dict) else fields
+
+
 def check_compatible(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses (before touching anything) to train over a run of a different model."""
   path = workdir / checkpoint.CONFIG_FILE
@@ -78,7 +89,7 @@ def _warm_start_params(init_from: str | pathlib.Path, config: ml_collections.Con
                     " point it at a trained run's --workdir")
   saved, new = checkpoint.read_config(src, trust_config_code=True), config.to_dict()
   for key in ("model", "data.vocab_size"):
-    if _model_fields(_get(saved, key)) != _model_fields(_get(new, key)):
+    if _param_fields(_get(saved, key)) != _param_fields(_get(new, key)):
       raise UserError(f"--init_from={init_from} holds a different model ({key}: {_get(saved, key)!r}"
                       f" there vs {_get(new, key)!r} here); use its config.model and data.vocab_size")
   try:
@@ -130,7 +141,8 @@ def inherit_from_source(config: ml_collections.ConfigDict, workdir: pathlib.Path
   """``config.init.inherit`` (dotted keys, e.g. "model", "process", "hf"): taken from the
   config of ``--init_from`` (else of the workdir's own run, when resuming), so that a
   fine-tuning recipe fits any dlm or converted checkpoint.  The recipe keeps its model's
-  execution fields (attention kernel, scanned layers, remat).  A block-diffusion source
+  execution fields (attention kernel, scanned layers, remat) and ``init.keep_model_fields``
+  (an adaptation's mask and logit shift).  A block-diffusion source
   brings its loss (the block NELBO must use its blocks).  Values are read as data: a
   ``module:function`` there is refused (``checkpoint.read_config``)."""
   keys = list(config.get("init", {}).get("inherit", []) or [])
@@ -151,10 +163,16 @@ def inherit_from_source(config: ml_collections.ConfigDict, workdir: pathlib.Path
     for part in parents:
       node = node.setdefault(part, {})
     if key == "model" and isinstance(node.get("model"), dict):
-      value = {**value, **{k: node["model"][k] for k in _HOW_FIELDS if k in node["model"]}}
+      keep = _HOW_FIELDS + tuple(config.init.get("keep_model_fields", ()) or ())
+      value = {**value, **{k: node["model"][k] for k in keep if k in node["model"]}}
     node[last] = value
   if "model" in keys and _get(saved, "model.mask_kind") == "bd3" and "loss" in saved:
     out["loss"] = saved["loss"]
+  mask = config.init.get("mask_id")
+  if mask is not None and isinstance(out.get("hf"), dict) and out["hf"]["ids"].get("mask") is None:
+    # an autoregressive import has no mask token: the recipe names one (-1: the last id)
+    vocab = int(_get(out, "data.vocab_size"))
+    out["hf"]["ids"]["mask"] = vocab - 1 if int(mask) < 0 else int(mask)
   return ml_collections.ConfigDict(out)
 
 

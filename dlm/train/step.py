@@ -32,6 +32,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
     inner = loss_fn
     loss_fn = lambda p, b, r: inner(lora.combine(frozen, p), b, r)
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  batch = dict(batch, step=state.step)  # what a step-dependent model reads (annealed attention)
   loss, metrics, grads = accumulate_gradients(loss_fn, state.params, batch, rng, microbatches)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -80,13 +81,14 @@ def accumulate_gradients(loss_fn: Callable[..., Any], params: Any, batch: dict[s
     x = jnp.swapaxes(x.reshape((mb, microbatches) + x.shape[1:]), 0, 1)
     return parallel.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
-  micro = {k: split(v) for k, v in batch.items()}
+  micro = {k: split(v) for k, v in batch.items() if jnp.ndim(v)}
   micro["row_ids"] = split(jnp.arange(b, dtype=jnp.int32))
+  shared = {k: v for k, v in batch.items() if not jnp.ndim(v)}  # scalars: every microbatch's
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
   def body(carry: Any, mbatch: dict[str, jax.Array]) -> tuple[Any, Metrics]:
     g_sum, loss_sum, w_sum = carry
-    (loss, metrics), grads = grad_fn(params, dict(mbatch, num_rows=jnp.int32(b)), rng)
+    (loss, metrics), grads = grad_fn(params, dict(mbatch, num_rows=jnp.int32(b), **shared), rng)
     w = jnp.asarray(metrics.get("num_tokens", 1.0), jnp.float32)
     g_sum = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), g_sum, grads)
     return (g_sum, loss_sum + w * loss, w_sum + w), metrics

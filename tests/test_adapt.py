@@ -1,0 +1,110 @@
+"""AR -> diffusion adaptation (configs/adapt.py): DiffuLLaMA's annealed attention mask reaches
+bidirectional at the configured step, and an imported Llama trains and samples as a masked
+diffusion model (Dream's shifted logits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dlm.data import corpora
+from dlm.models import attention, loader, transformer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ADAPT_SMOKE = f"{ROOT}/configs/adapt.py:smoke"
+
+
+def dlm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "dlm.main", *args], capture_output=True, text=True,
+                     env=env, cwd=ROOT, timeout=600)
+  if check:
+    assert r.returncode == 0, r.stderr[-3000:]
+  return r
+
+
+def test_annealed_mask_goes_from_causal_to_bidirectional_at_anneal_steps():
+  n, length = 100, 64
+  causal = np.tril(np.ones((length, length), bool))
+  upper = ~causal
+  np.testing.assert_array_equal(attention.annealed_visible(jnp.int32(0), n, length), causal)
+  for step in (25, 50, 75):
+    vis = np.asarray(attention.annealed_visible(jnp.int32(step), n, length))
+    assert vis[causal].all()  # never less than causal
+    assert abs(vis[upper].mean() - step / n) < 0.03  # each later key w.p. step / anneal_steps
+  for step in (n, n + 1, 10 * n):
+    assert np.asarray(attention.annealed_visible(jnp.int32(step), n, length)).all()
+  a, b = (np.asarray(attention.annealed_visible(jnp.int32(s), n, length)) for s in (40, 41))
+  assert (a != b).any()  # a fresh draw every step
+
+
+def test_annealed_model_is_causal_at_step_0_and_bidirectional_after():
+  kw = dict(vocab_size=32, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, shift_logits=True)
+  cfg = transformer.ModelConfig(mask_kind="annealed", anneal_steps=10, **kw)
+  params = nnx.to_pure_dict(nnx.state(transformer.init_model(cfg, 0)))
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 12)))
+  run = lambda c, **k: np.asarray(transformer.apply_fn(transformer.param_logical_specs(c)[0])(
+      params, x, None, **k)[0])
+  causal = run(transformer.ModelConfig(mask_kind="causal", **kw))
+  bidir = run(transformer.ModelConfig(mask_kind="bidirectional", **kw))
+  np.testing.assert_allclose(run(cfg, step=jnp.int32(0)), causal, atol=1e-6)
+  np.testing.assert_allclose(run(cfg, step=jnp.int32(10)), bidir, atol=1e-6)
+  np.testing.assert_allclose(run(cfg), bidir, atol=1e-6)  # sampling: annealing is over
+  mid = run(cfg, step=jnp.int32(5))
+  assert np.abs(mid - causal).max() > 1e-4 and np.abs(mid - bidir).max() > 1e-4
+
+
+def _llama_with_tokenizer(tmp_path: pathlib.Path) -> pathlib.Path:
+  """llama-tiny (vocab 256, EOS 251, BOS 252) with a 253-entry BPE trained on stdlib text: ids
+  253..255 are never produced, so the adaptation's mask id (255) is free."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  d = tmp_path / "llama"
+  shutil.copytree(ROOT / "tests" / "fixtures" / "llama-tiny", d)
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.decoder = decoders.Metaspace()
+  texts = corpora.load_corpus("stdlib", val_permille=50).train[:40]
+  tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=250, special_tokens=["<unk>"],
+                                                     limit_alphabet=100, show_progress=False))
+  assert tok.get_vocab_size() == 250
+  tok.add_special_tokens(["<pad>", "<|endoftext|>", "<|begin_of_text|>"])
+  tok.save(str(d / "tokenizer.json"))
+  (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  return d
+
+
+@pytest.mark.parametrize("variant", ["diffullama", "dream"])
+def test_an_imported_llama_adapts_trains_and_samples(tmp_path, variant):
+  src = _llama_with_tokenizer(tmp_path)
+  dlm("convert", "--from=llama", f"--src={src}", f"--workdir={tmp_path / 'ar'}")
+  wd = tmp_path / "adapted"
+  r = dlm("train", f"--config={ADAPT_SMOKE},{variant}", f"--workdir={wd}",
+          f"--init_from={tmp_path / 'ar'}", "--config.train.steps=24",
+          "--config.train.eval_every=12", "--config.train.checkpoint_every=12")
+  assert "initialized parameters from" in r.stdout
+  cfg = json.loads((wd / "config.json").read_text())
+  assert cfg["process"]["name"] == "masked" and cfg["model"]["shift_logits"] is True
+  assert cfg["model"]["mask_kind"] == ("annealed" if variant == "diffullama" else "bidirectional")
+  assert cfg["model"]["num_layers"] == 2 and cfg["hf"]["family"] == "llama"
+  assert cfg["hf"]["ids"]["mask"] == 255 and cfg["hf"]["ids"]["eos"] == 251
+  metrics = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert any("val_bits_per_byte" in m for m in metrics)
+  m = loader.load(wd)
+  assert m.process.mask_id == 255
+  out = m.generate(np.array([m.tokenizer.encode("def f(x):")]), sampler="llada", steps=8,
+                   gen_length=8, block_length=8)
+  assert out.sequences.shape[1] == len(m.tokenizer.encode("def f(x):")) + 8
+  assert (out.sequences != 255).all()  # every mask filled
+  r = dlm("sample", f"--workdir={wd}", "--prompt=def ", "--sampler=ancestral", "--steps=4",
+          "--num_samples=1", "--length=16")
+  assert "sample 0" in r.stdout
