@@ -25,17 +25,10 @@ import ml_collections
 from dlm import recipe
 
 
-def _args(arg: str | None) -> set[str]:
-  args = set(filter(None, (arg or "").split(",")))
-  known = {"smoke", "dream", "diffullama"}
-  if args - known or {"dream", "diffullama"} <= args:
-    raise ValueError(f"configs/adapt.py: arguments {sorted(args)}; known: {sorted(known)}"
-                     " (dream or diffullama, not both)")
-  return args
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = _args(arg)
+  args = recipe.flags(arg, {"smoke", "dream", "diffullama"}, "adapt")
+  if {"dream", "diffullama"} <= args:
+    raise ValueError("configs/adapt.py: dream or diffullama, not both")
   c = recipe.base(__file__, "quickstart", "smoke" if "smoke" in args else None)
   # the source's weights and vocabulary; this recipe's attention pattern and logit shift
   c.init = ml_collections.ConfigDict({

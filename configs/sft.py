@@ -25,17 +25,8 @@ import ml_collections
 from dlm import recipe
 
 
-def _args(arg: str | None) -> set[str]:
-  args = set(filter(None, (arg or "").split(",")))
-  known = {"smoke", "lora"}
-  if args - known:
-    raise ValueError(f"configs/sft.py: unknown argument(s) {sorted(args - known)}; known:"
-                     f" {sorted(known)}")
-  return args
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = _args(arg)
+  args = recipe.flags(arg, {"smoke", "lora"}, "sft")
   c = recipe.base(__file__, "quickstart", "smoke" if "smoke" in args else None)
 
   # What --init_from brings: its model, process and sampler, an imported model's special ids.

@@ -19,6 +19,15 @@ def base(recipe_file: str, name: str, arg: str | None = None) -> ml_collections.
   return module.get_config(arg)
 
 
+def flags(arg: str | None, known: set[str], recipe: str) -> set[str]:
+  """``"smoke,lora"`` -> {"smoke", "lora"}: a recipe's comma-separated switches, all known."""
+  args = set(filter(None, (arg or "").split(",")))
+  if args - known:
+    raise ValueError(f"configs/{recipe}.py: unknown argument(s) {sorted(args - known)}; known:"
+                     f" {sorted(known)}")
+  return args
+
+
 def pod_model(c: ml_collections.ConfigDict, *, d_model: int, num_layers: int, num_heads: int,
               mlp_dim: int, vocab_size: int, seq_len: int) -> None:
   """A TPU-pod model: bf16 compute over f32 master weights, full remat, splash attention."""

@@ -18,3 +18,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _owner = os.getpid()
   atexit.register(lambda: os.getpid() == _owner and shutil.rmtree(_cache, ignore_errors=True))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smoke_base(tmp_path_factory) -> pathlib.Path:
+  """A `configs/quickstart.py:smoke` run (CLI), trained once per test worker: the base model
+  the post-training recipes' tests fine-tune."""
+  from recipes import ROOT, dlm  # noqa: PLC0415
+  workdir = tmp_path_factory.mktemp("smoke_base") / "base"
+  dlm("train", f"--config={ROOT}/configs/quickstart.py:smoke", f"--workdir={workdir}")
+  return workdir

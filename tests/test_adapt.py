@@ -5,18 +5,16 @@ diffusion model (Dream's shifted logits)."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import recipes
 from dlm.data import corpora
 from dlm.models import attention, loader, transformer
 
@@ -24,13 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ADAPT_SMOKE = f"{ROOT}/configs/adapt.py:smoke"
 
 
-def dlm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "dlm.main", *args], capture_output=True, text=True,
-                     env=env, cwd=ROOT, timeout=600)
-  if check:
-    assert r.returncode == 0, r.stderr[-3000:]
-  return r
+dlm = recipes.dlm
 
 
 def test_annealed_mask_goes_from_causal_to_bidirectional_at_anneal_steps():
@@ -83,8 +75,21 @@ def _llama_with_tokenizer(tmp_path: pathlib.Path) -> pathlib.Path:
   return d
 
 
-@pytest.mark.parametrize("variant", ["diffullama", "dream"])
-def test_an_imported_llama_adapts_trains_and_samples(tmp_path, variant):
+def test_dream_variant_keeps_the_shift_with_bidirectional_attention():
+  sys.path.insert(0, str(ROOT))
+  try:
+    from configs import adapt  # noqa: PLC0415
+  finally:
+    sys.path.remove(str(ROOT))
+  c = adapt.get_config("dream")
+  assert (c.model.mask_kind, c.model.shift_logits, c.process.name) == ("bidirectional", True,
+                                                                        "masked")
+  assert "mask_kind" in c.init.keep_model_fields and c.init.mask_id == -1
+  with pytest.raises(ValueError, match="dream or diffullama, not both"):
+    adapt.get_config("dream,diffullama")
+
+
+def test_an_imported_llama_adapts_trains_and_samples(tmp_path, variant="diffullama"):
   src = _llama_with_tokenizer(tmp_path)
   dlm("convert", "--from=llama", f"--src={src}", f"--workdir={tmp_path / 'ar'}")
   wd = tmp_path / "adapted"

@@ -4,37 +4,26 @@ rewards, a seeded run whose reward rises, exact resume mid-cycle, one-line error
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import recipes
 from dlm import losses
 from dlm.errors import UserError
 from dlm.train import grpo, rewards
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-QUICK_SMOKE = f"{ROOT}/configs/quickstart.py:smoke"
 GRPO_SMOKE = f"{ROOT}/configs/grpo.py:smoke"
 V, MASK = 16, 15
 
 
-def dlm(*args: str, check: bool = True, pythonpath: str = "") -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")])))
-  r = subprocess.run([sys.executable, "-m", "dlm.main", *args], capture_output=True, text=True,
-                     env=env, cwd=ROOT, timeout=600)
-  if check:
-    assert r.returncode == 0, r.stderr[-3000:]
-  return r
+dlm = recipes.dlm
 
 
 def _batch(b: int = 4, p: int = 6, c: int = 5, seed: int = 3) -> dict[str, np.ndarray]:
@@ -130,6 +119,7 @@ def test_builtin_rewards():
   assert rewards.python_parses(heads, ["return x\n    y = ("]) == [1.0]  # unfinished last line cut
   assert rewards.python_parses(heads, ["return (\n"]) == [0.0]
   assert rewards.python_parses(heads, ["return x"]) == [0.0]  # no complete line
+  assert rewards.python_parses(heads, ["# a comment\n  # another\n"]) == [0.0]  # no code
   assert rewards.exact_match(["q"] * 3, ["<answer> 4 </answer>", "4", "5"], answer=[4, 4, 4]) == [
       1.0, 1.0, 0.0]
   assert rewards.format_reward(["q"], ["<reasoning>a</reasoning>\n<answer>b</answer>"]) == [1.0]
@@ -165,9 +155,9 @@ REWARD_FILE = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> pathlib.Path:
+def base(tmp_path_factory, smoke_base) -> pathlib.Path:
   d = tmp_path_factory.mktemp("grpo")
-  dlm("train", f"--config={QUICK_SMOKE}", f"--workdir={d / 'base'}")
+  (d / "base").symlink_to(smoke_base)
   (d / "test_local_rewards.py").write_text(REWARD_FILE)
   return d
 
@@ -189,30 +179,12 @@ def test_grpo_raises_a_learnable_reward(base):
 
 
 def test_grpo_resumes_exactly_after_sigkill_mid_cycle(base, tmp_path):
-  import test_resilience as res
-  args = [f"--config={GRPO_SMOKE}", f"--init_from={base / 'base'}", "--config.train.steps=18",
-          "--config.train.checkpoint_every=3", "--config.train.log_every=3",
-          "--config.train.eval_every=100", "--config.grpo.num_iterations=2"]
-  dlm("train", *args, f"--workdir={tmp_path / 'a'}")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-m", "dlm.main", "train", *args,
-                           f"--workdir={tmp_path / 'b'}"], env=env, cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  t0 = time.time()  # checkpoint 3 ends inside a rollout's two-step cycle
-  while not (tmp_path / "b" / "checkpoints" / "3").is_dir():
-    assert time.time() - t0 < 120 and proc.poll() is None
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert 3 <= (res.checkpoint._reader(tmp_path / "b").latest_step() or 0) < 18
-  r = dlm("train", *args, f"--workdir={tmp_path / 'b'}")
-  assert "resumed from" in r.stdout
-  _, state_a, data_a = res.saved(tmp_path / "a", 18)
-  _, state_b, data_b = res.saved(tmp_path / "b", 18)
-  assert data_a == data_b
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
-  buf = grpo._unpack(data_a["buffer"])
+  data = recipes.killed_then_resumed_is_exact(  # checkpoint 3 ends inside a two-step cycle
+      [f"--config={GRPO_SMOKE}", f"--init_from={base / 'base'}", "--config.train.steps=10",
+       "--config.train.checkpoint_every=3", "--config.train.log_every=3",
+       "--config.train.eval_every=100", "--config.grpo.num_iterations=2"], tmp_path, 10,
+      kill_after=3)
+  buf = grpo._unpack(data["buffer"])
   groups = (buf["advantages"][:, 0]).reshape(-1, 4)
   np.testing.assert_allclose(groups.sum(1), 0.0, atol=1e-5)  # A = r - group mean
   assert buf["old_logp"].shape[0] == buf["ref_logp"].shape[0] == 2  # one per inner iteration

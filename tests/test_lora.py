@@ -4,12 +4,7 @@ training and checkpoints on a frozen base, merged export, unmerged sampling, one
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import ml_collections
@@ -18,21 +13,15 @@ import pytest
 from flax import nnx
 
 import dlm
+import recipes
 from dlm.errors import UserError
 from dlm.models import decode, loader, lora, transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-QUICK_SMOKE = f"{ROOT}/configs/quickstart.py:smoke"
 LORA_SMOKE = f"{ROOT}/configs/sft.py:smoke,lora"
 
 
-def dlm_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "dlm.main", *args], capture_output=True, text=True,
-                     env=env, cwd=ROOT, timeout=600)
-  if check:
-    assert r.returncode == 0, r.stderr[-3000:]
-  return r
+dlm_cli = recipes.dlm
 
 
 def _model(**kw) -> tuple[transformer.ModelConfig, dict]:
@@ -77,13 +66,12 @@ def test_bad_lora_configs_get_one_line_errors():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, pathlib.Path]:
+def runs(tmp_path_factory, smoke_base) -> dict[str, pathlib.Path]:
   d = tmp_path_factory.mktemp("lora")
-  dlm_cli("train", f"--config={QUICK_SMOKE}", f"--workdir={d / 'base'}")
   r = dlm_cli("train", f"--config={LORA_SMOKE}", f"--workdir={d / 'lora'}",
-              f"--init_from={d / 'base'}", "--config.lora.rank=2", "--config.train.steps=30")
+              f"--init_from={smoke_base}", "--config.lora.rank=2", "--config.train.steps=30")
   assert "LoRA adapters (rank 2, alpha 16)" in r.stdout
-  return {"base": d / "base", "lora": d / "lora", "root": d}
+  return {"base": smoke_base, "lora": d / "lora", "root": d}
 
 
 def test_adapter_only_checkpoints_on_a_frozen_base(runs):
@@ -130,33 +118,11 @@ def test_merged_export_matches_unmerged_and_samplers_run_both(runs):
 
 
 def test_lora_resumes_exactly_after_sigkill(runs, tmp_path):
-  import test_resilience as res
-  args = [f"--config={LORA_SMOKE}", f"--init_from={runs['base']}", "--config.train.steps=30",
-          "--config.train.checkpoint_every=3", "--config.train.log_every=3",
-          "--config.train.eval_every=100"]
-  dlm_cli("train", *args, f"--workdir={tmp_path / 'a'}")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-m", "dlm.main", "train", *args,
-                           f"--workdir={tmp_path / 'b'}"], env=env, cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  res.wait_for_lines(proc, tmp_path / "b", 2)
-  t0 = time.time()  # killed after its first checkpoint, before its last
-  while not any(c.name.isdigit() for c in (tmp_path / "b" / "checkpoints").glob("*")):
-    assert time.time() - t0 < 60 and proc.poll() is None
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert 0 < (res.checkpoint._reader(tmp_path / "b").latest_step() or 0) < 30
-  r = dlm_cli("train", f"--config={LORA_SMOKE}", "--config.train.steps=30",  # no --init_from:
-              "--config.train.checkpoint_every=3", "--config.train.log_every=3",  # the base is
-              "--config.train.eval_every=100", f"--workdir={tmp_path / 'b'}")  # the recorded one
-  assert "resumed from" in r.stdout
-  _, state_a, data_a = res.saved(tmp_path / "a", 30)
-  _, state_b, data_b = res.saved(tmp_path / "b", 30)
-  assert data_a == data_b
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
+  args = ["--config.train.steps=16", "--config.train.checkpoint_every=2",
+          "--config.train.log_every=2", "--config.train.eval_every=100"]
+  recipes.killed_then_resumed_is_exact(  # resumed without --init_from: the recorded base
+      [f"--config={LORA_SMOKE}", f"--init_from={runs['base']}", *args], tmp_path, 16,
+      resume_args=[f"--config={LORA_SMOKE}", *args])
 
 
 def test_lora_cli_errors(runs, tmp_path):

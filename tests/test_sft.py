@@ -4,14 +4,10 @@ the recipe from a dlm run and from a converted checkpoint, exact resume, one-lin
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import recipes
 from dlm import losses, processes
 from dlm.data import chat, inputs, sft
 from dlm.errors import UserError
@@ -27,21 +24,9 @@ from dlm.models import loader
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SFT_SMOKE = f"{ROOT}/configs/sft.py:smoke"
-QUICK_SMOKE = f"{ROOT}/configs/quickstart.py:smoke"
 
 
-def dlm(*args: str, check: bool = True, cwd: pathlib.Path = ROOT,
-        env: dict | None = None) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **(env or {}))
-  r = subprocess.run([sys.executable, "-m", "dlm.main", *args], capture_output=True, text=True,
-                     env=env, cwd=cwd, timeout=600)
-  if check:
-    assert r.returncode == 0, r.stderr[-3000:]
-  return r
-
-
-def last_line(r: subprocess.CompletedProcess) -> str:
-  return r.stderr.strip().splitlines()[-1]
+dlm = recipes.dlm
 
 
 # ------------------------------------------------------------------- units --
@@ -232,13 +217,12 @@ def test_embedded_default_is_stdlib_signatures_to_docstrings():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, pathlib.Path]:
-  """A quickstart :smoke base, and configs/sft.py:smoke fine-tuned from it (CLI)."""
+def runs(tmp_path_factory, smoke_base) -> dict[str, pathlib.Path]:
+  """The quickstart :smoke base, and configs/sft.py:smoke fine-tuned from it (CLI)."""
   d = tmp_path_factory.mktemp("sft")
-  dlm("train", f"--config={QUICK_SMOKE}", f"--workdir={d / 'base'}")
-  r = dlm("train", f"--config={SFT_SMOKE}", f"--workdir={d / 'sft'}", f"--init_from={d / 'base'}")
+  r = dlm("train", f"--config={SFT_SMOKE}", f"--workdir={d / 'sft'}", f"--init_from={smoke_base}")
   assert "initialized parameters from" in r.stdout
-  return {"base": d / "base", "sft": d / "sft"}
+  return {"base": smoke_base, "sft": d / "sft"}
 
 
 def _eos_rate(workdir: pathlib.Path, prompts: list) -> float:
@@ -278,31 +262,10 @@ def test_sft_lowers_the_response_loss_and_learns_to_stop(runs):
 
 
 def test_sft_resumes_exactly_after_sigkill(runs, tmp_path):
-  import test_resilience as res
-  args = [f"--config={SFT_SMOKE}", f"--init_from={runs['base']}", "--config.train.steps=30",
-          "--config.train.checkpoint_every=3", "--config.train.log_every=3",
-          "--config.train.eval_every=100"]
-  dlm("train", *args, f"--workdir={tmp_path / 'a'}")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-m", "dlm.main", "train", *args,
-                           f"--workdir={tmp_path / 'b'}"], env=env, cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  res.wait_for_lines(proc, tmp_path / "b", 2)
-  t0 = time.time()  # killed after its first checkpoint, before its last
-  while not any(c.name.isdigit() for c in (tmp_path / "b" / "checkpoints").glob("*")):
-    assert time.time() - t0 < 60 and proc.poll() is None
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert 0 < (res.checkpoint._reader(tmp_path / "b").latest_step() or 0) < 30
-  r = dlm("train", *args, f"--workdir={tmp_path / 'b'}")
-  assert "resumed from" in r.stdout
-  step_a, state_a, data_a = res.saved(tmp_path / "a", 30)
-  step_b, state_b, data_b = res.saved(tmp_path / "b", 30)
-  assert data_a == data_b
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
+  recipes.killed_then_resumed_is_exact(
+      [f"--config={SFT_SMOKE}", f"--init_from={runs['base']}", "--config.train.steps=30",
+       "--config.train.checkpoint_every=3", "--config.train.log_every=3",
+       "--config.train.eval_every=100"], tmp_path, 30)
 
 
 def _hf_with_chat_tokenizer(tmp_path: pathlib.Path) -> pathlib.Path:

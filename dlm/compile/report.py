@@ -58,12 +58,17 @@ def lower_train(config: ml_collections.ConfigDict, mesh: Any, rules: Any):
   tc = config.train
   loop.check_batch(tc, mesh, process_count=1)
   model_cfg, process = _model(config)
-  keys = inputs.batch_keys(config.data)
+  if config.data.source == "grpo":  # the rollout stage's batch
+    from dlm.train import grpo
+    keys = grpo.batch_keys(config.grpo, float(config.loss.get("beta", 0.04)))
+  else:
+    keys = inputs.batch_keys(config.data)
   _, _, abstract, _, step, frozen = loop.make_train_step(config, model_cfg, process, mesh, rules,
                                                          keys)
   b, l = int(tc.batch_size), int(config.data.seq_len)
   row = parallel.batch_sharding(mesh, rules)
-  batch = {k: _abstract((b, l), jnp.float32 if k == "loss_mask" else jnp.int32, row) for k in keys}
+  floats = ("loss_mask", "prompt_mask", "advantages", "old_logp", "ref_logp")
+  batch = {k: _abstract((b, l), jnp.float32 if k in floats else jnp.int32, row) for k in keys}
   n = transformer.count_params(abstract.params) + (transformer.count_params(frozen) if frozen else 0)
   figures = {"params": n, "trainable_params": transformer.count_params(abstract.params), "batch": b, "seq_len": l, "tokens_per_step": b * l,
              "model_flops_per_step": mfu.train_flops(model_cfg, n, b, l)}

@@ -62,6 +62,8 @@ def batch_keys(data_cfg: Any) -> tuple[str, ...]:
   if data_cfg.source == "sft":
     from dlm.data import sft
     return sft.KEYS
+  if data_cfg.source == "grpo":
+    raise ValueError("GRPO batches come from its rollout stage: dlm.train.grpo.batch_keys")
   if data_cfg.source in IN_MEMORY_SOURCES:
     return ("tokens",)
   segments = bool(data_cfg.get("segment_ids", True))

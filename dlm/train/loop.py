@@ -456,9 +456,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             f" ({transformer.count_params(state.params) / n:.2%} of the model)")
     print(f"model: {n / 1e6:.2f}M parameters, vocab {tok.vocab_size}, process {config.process.name},"
           f" mesh {dict(mesh.shape)}, rows of {config.data.seq_len} tokens from"
-          f" {config.data.source}" + (f" (Python {data.meta['python_version']}, "
-                                      f"{data.meta['train_rows']} train rows)"
-                                      if "train_rows" in data.meta else ""))
+          f" {config.data.source}"
+          + (f" (Python {data.meta['python_version']})" if "python_version" in data.meta else "")
+          + (f" ({data.meta['train_rows']} train rows)" if "train_rows" in data.meta else ""))
 
   # --- steps ---
   eval_keys = ("tokens", "loss_mask")  # SFT rows also carry their segments and positions

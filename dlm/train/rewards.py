@@ -78,10 +78,12 @@ def _parses(code: str) -> bool:
 @REWARDS.register("python_parses")
 def python_parses(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
   """1 when prompt + completion, cut after its last complete line, parses as Python and the
-  completion adds at least one non-blank line; else 0.  (The embedded default's reward: the
-  prompts are stdlib function headers, the completions their bodies.)"""
+  completion adds at least one line of code (not blank, not only a comment); else 0.  (The
+  embedded default's reward: the prompts are stdlib function headers, the completions their
+  bodies; without the code-line rule a policy learns to write comments.)"""
   out = []
   for p, c in zip(prompts, completions):
     body = c[:c.rfind("\n") + 1] if "\n" in c else ""
-    out.append(float(bool(body.strip()) and _parses(p + body)))
+    code = any(line.strip() and not line.strip().startswith("#") for line in body.splitlines())
+    out.append(float(code and _parses(p + body)))
   return out
