@@ -28,7 +28,7 @@ def _model(**kw) -> tuple[transformer.ModelConfig, dict]:
   cfg = transformer.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4,
                                 num_kv_heads=2, mlp_dim=64, qkv_bias=True, lora_rank=4,
                                 lora_alpha=8.0, lora_targets=lora.TARGETS, **kw)
-  return cfg, nnx.to_pure_dict(nnx.state(transformer.init_model(cfg, 0)))
+  return cfg, jax.jit(lambda: nnx.to_pure_dict(nnx.state(transformer.init_model(cfg, 0))))()
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -41,8 +41,8 @@ def test_low_rank_path_equals_merged_kernels_in_every_layout(scan_layers):
   x = np.random.default_rng(0).integers(0, 64, (2, 12))
   plain = transformer.ModelConfig(**{**cfg.__dict__, "lora_rank": 0, "lora_alpha": 0.0,
                                      "lora_targets": ()})
-  apply_plain = transformer.apply_fn(transformer.param_logical_specs(plain)[0])
-  apply = transformer.apply_fn(transformer.param_logical_specs(cfg)[0])
+  apply_plain = jax.jit(transformer.apply_fn(transformer.param_logical_specs(plain)[0]))
+  apply = jax.jit(transformer.apply_fn(transformer.param_logical_specs(cfg)[0]))
   # B = 0 at init: the adapted model is the base exactly
   np.testing.assert_array_equal(apply(params, x)[0], apply_plain(base, x)[0])
   keys = iter(jax.random.split(jax.random.key(1), 64))
@@ -53,7 +53,8 @@ def test_low_rank_path_equals_merged_kernels_in_every_layout(scan_layers):
   assert np.abs(unmerged - np.asarray(apply_plain(base, x)[0])).max() > 0.1  # adapters matter
   np.testing.assert_allclose(unmerged, merged, atol=1e-5)
   prepare, dapply = decode.for_sampling(cfg, apply, True)  # fused kernels, adapters folded in
-  np.testing.assert_allclose(np.asarray(dapply(prepare(params), x)[0]), unmerged, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.jit(dapply)(prepare(params), x)[0]), unmerged,
+                             atol=1e-5)
 
 
 def test_bad_lora_configs_get_one_line_errors():

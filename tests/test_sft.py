@@ -226,14 +226,15 @@ def runs(tmp_path_factory, smoke_base) -> dict[str, pathlib.Path]:
 
 
 def _eos_rate(workdir: pathlib.Path, prompts: list) -> float:
+  """How often greedy LLaDA sampling of 16 tokens ends in EOS (one left-padded batch)."""
   m = loader.load(workdir)
-  ends = 0
-  for messages in prompts:
-    ids = m.tokenizer.encode(chat.plain(messages, True))
-    out = m.generate(np.array([ids]), sampler="llada", steps=16, gen_length=16, block_length=16,
-                     temperature=0.0)
-    ends += int(np.asarray(out.sequences)[0, -1] == m.tokenizer.eos_id)
-  return ends / len(prompts)
+  rows = [m.tokenizer.encode(chat.plain(messages, True)) for messages in prompts]
+  width = max(map(len, rows))
+  ids = np.array([[m.tokenizer.pad_id] * (width - len(r)) + r for r in rows])
+  attention = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+  out = m.generate(ids, attention, sampler="llada", steps=16, gen_length=16, block_length=16,
+                   temperature=0.0)
+  return float(np.mean(np.asarray(out.sequences)[:, width + 15] == m.tokenizer.eos_id))
 
 
 def test_sft_lowers_the_response_loss_and_learns_to_stop(runs):
@@ -259,13 +260,6 @@ def test_sft_lowers_the_response_loss_and_learns_to_stop(runs):
   r = dlm("sample", f"--workdir={tuned}", "--chat", "--prompt=def f(x):", "--max_new_tokens=8",
           "--sampler=llada", "--num_samples=1", "--steps=8")
   assert "User: def f(x):\nAssistant: " in r.stdout
-
-
-def test_sft_resumes_exactly_after_sigkill(runs, tmp_path):
-  recipes.killed_then_resumed_is_exact(
-      [f"--config={SFT_SMOKE}", f"--init_from={runs['base']}", "--config.train.steps=30",
-       "--config.train.checkpoint_every=3", "--config.train.log_every=3",
-       "--config.train.eval_every=100"], tmp_path, 30)
 
 
 def _hf_with_chat_tokenizer(tmp_path: pathlib.Path) -> pathlib.Path:
