@@ -30,12 +30,16 @@ def dlm(*args: str, check: bool = True, pythonpath: str = "") -> subprocess.Comp
 
 def killed_then_resumed_is_exact(args: list[str], tmp_path: pathlib.Path, steps: int, *,
                                  kill_after: int | None = None,
-                                 resume_args: list[str] | None = None) -> dict:
+                                 resume_args: list[str] | None = None,
+                                 seed_data: bool = False) -> dict:
   """Runs ``dlm train *args`` whole in a/, and in b/ SIGKILLed after its first checkpoint (or
   after checkpoint ``kill_after``) then resumed (``resume_args``, default ``args``); asserts
-  step ``steps`` of both is bit-identical (state and data iterator) and returns its data state."""
+  step ``steps`` of both is bit-identical (state and data iterator) and returns its data state.
+  ``seed_data``: b/ starts with a/'s tokenizer and token cache (no second tokenizer training)."""
   import test_resilience as res
   dlm("train", *args, f"--workdir={tmp_path / 'a'}")
+  if seed_data:
+    res.seeded(tmp_path / "b", tmp_path / "a")
   proc = subprocess.Popen([sys.executable, "-m", "dlm.main", "train", *args,
                            f"--workdir={tmp_path / 'b'}"], env=env(), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -120,4 +120,4 @@ def test_adaptation_resumes_exactly_after_sigkill_while_annealing(tmp_path):
   recipes.killed_then_resumed_is_exact(  # anneal_steps 20 > 16 steps: every step its own mask
       [f"--config={ADAPT_SMOKE},diffullama", "--config.train.steps=16",
        "--config.train.checkpoint_every=2", "--config.train.log_every=2",
-       "--config.train.eval_every=100", "--config.data.tokenizer_max_chars=200000"], tmp_path, 16)
+       "--config.train.eval_every=100", "--config.data.tokenizer_max_chars=200000"], tmp_path, 16, seed_data=True)

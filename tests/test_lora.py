@@ -119,10 +119,10 @@ def test_merged_export_matches_unmerged_and_samplers_run_both(runs):
 
 
 def test_lora_resumes_exactly_after_sigkill(runs, tmp_path):
-  args = ["--config.train.steps=16", "--config.train.checkpoint_every=2",
+  args = ["--config.train.steps=10", "--config.train.checkpoint_every=2",
           "--config.train.log_every=2", "--config.train.eval_every=100"]
   recipes.killed_then_resumed_is_exact(  # resumed without --init_from: the recorded base
-      [f"--config={LORA_SMOKE}", f"--init_from={runs['base']}", *args], tmp_path, 16,
+      [f"--config={LORA_SMOKE}", f"--init_from={runs['base']}", *args], tmp_path, 10,
       resume_args=[f"--config={LORA_SMOKE}", *args])
 
 
