@@ -78,18 +78,24 @@ def render(template: Template, messages: Messages, add_generation_prompt: bool,
   return out
 
 
-def check_conversation(messages: Any, where: str) -> Messages:
-  """A conversation: a list of {role, content} strings with at least one assistant turn."""
-  if not isinstance(messages, list) or not messages:
+def check_messages(value: Any, where: str) -> Messages:
+  """A non-empty list of {role, content} strings (file data: checked, copied)."""
+  if not isinstance(value, list) or not value:
     raise UserError(f"{where}: \"messages\" must be a non-empty list of {{role, content}}")
-  for m in messages:
+  for m in value:
     if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
         or not isinstance(m.get("content"), str)):
       raise UserError(f"{where}: each message needs string \"role\" and \"content\" fields")
+  return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def check_conversation(messages: Any, where: str) -> Messages:
+  """A conversation: a list of {role, content} strings with at least one assistant turn."""
+  messages = check_messages(messages, where)
   if not any(m["role"] == "assistant" for m in messages):
     raise UserError(f"{where}: the conversation has no assistant turn, so nothing to learn;"
                     " add a {\"role\": \"assistant\", \"content\": ...} message or drop the line")
-  return [{"role": m["role"], "content": m["content"]} for m in messages]
+  return messages
 
 
 def turns(messages: Messages, template: Template, tokenizer: Any,

@@ -50,12 +50,8 @@ def read_prompts(path: Any, template: chat.Template | None, tok: Any
       if isinstance(obj.get("prompt"), str):
         text = obj["prompt"]
       elif "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in messages):
-          raise UserError(f"{where}: \"messages\" must be a non-empty list of {{role, content}}")
-        text = chat.render(template or chat.plain, messages, True, tok)
+        text = chat.render(template or chat.plain, chat.check_messages(obj["messages"], where),
+                           True, tok)
       else:
         raise UserError(f"{where}: need a string \"prompt\" or \"messages\"")
       out.append((text, columns, zlib.crc32(raw.strip())))

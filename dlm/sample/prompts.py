@@ -14,19 +14,10 @@ import os
 import pathlib
 from typing import Any, Iterator
 
+from dlm.data import chat
 from dlm.errors import UserError
 
 MAX_BYTES = 256 << 20  # a prompts file larger than this is refused (it is read whole)
-
-
-def _messages(value: Any, where: str) -> list[dict[str, str]]:
-  if not isinstance(value, list) or not value:
-    raise UserError(f"{where}: \"messages\" must be a non-empty list of {{role, content}}")
-  for m in value:
-    if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
-        or not isinstance(m.get("content"), str)):
-      raise UserError(f"{where}: each message needs string \"role\" and \"content\" fields")
-  return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def read_prompts(path: str | os.PathLike) -> list[str | list[dict[str, str]]]:
@@ -60,7 +51,7 @@ def read_prompts(path: str | os.PathLike) -> list[str | list[dict[str, str]]]:
     if not isinstance(obj, dict):
       raise UserError(f"{where} is not a JSON object")
     if "messages" in obj:
-      out.append(_messages(obj["messages"], where))
+      out.append(chat.check_messages(obj["messages"], where))
     elif isinstance(obj.get("prompt"), str):
       out.append(obj["prompt"])
     else:

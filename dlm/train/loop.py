@@ -222,7 +222,7 @@ def source_params(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
 def _rollouts(config: ml_collections.ConfigDict, data: Any, model_cfg: Any, process: Any,
               apply: Any, mesh: Any, rules: Any, shardings: Any, frozen: Any,
-              frozen_abstract: Any, put: Any, workdir: pathlib.Path, init_from: Any,
+              param_sh: Any, put: Any, workdir: pathlib.Path, init_from: Any,
               resuming: bool, abstract: Any) -> grpo.Rollouts:
   """GRPO's batch source over this run's model: the sampling engine on the training mesh and
   parameters, the reference model (beta > 0) kept as d1 does: a LoRA run's base (adapters
@@ -233,8 +233,6 @@ def _rollouts(config: ml_collections.ConfigDict, data: Any, model_cfg: Any, proc
   model = loader.DiffusionLM(config=config, model_cfg=model_cfg, params=None, ids=ids,
                              tokenizer=tok, apply=apply, process=process, mesh=mesh, rules=rules,
                              keep_sampling_params=False)  # new weights every rollout
-  param_sh = shardings.params if frozen is None else lora.combine(
-      jax.tree.map(lambda a: a.sharding, frozen_abstract), shardings.params)
   logp = grpo.logp_fn(apply, int(process.mask_id), float(config.loss.get("p_mask_prompt", 0.15)),
                       param_sh, mesh, rules, grpo.BUFFER_KEYS + ("mask_seed",))
   kept: list[Any] = []
@@ -411,6 +409,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       config, model_cfg, process, mesh, rules, batch_keys)
   apply = transformer.apply_fn(graphdef)
   frozen = None  # LoRA: the base parameters, never updated nor saved here
+  # the whole model's parameter shardings (a LoRA run's: base + adapters), for eval and rollouts
+  full_sh = shardings.params if frozen_abstract is None else lora.combine(
+      jax.tree.map(lambda a: a.sharding, frozen_abstract), shardings.params)
   if frozen_abstract is not None:
     frozen = source_params(config, workdir, init_from, resuming, frozen_abstract, "LoRA")
     meta = checkpoint.run_meta(config.to_dict(), _tokenizer_file(workdir))  # with its base
@@ -423,7 +424,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   rollouts = None
   if data_is_grpo:  # the batch source: rollouts of the current policy; it is what is checkpointed
     rollouts = _rollouts(config, data, model_cfg, process, apply, mesh, rules, shardings, frozen,
-                         frozen_abstract, put, workdir, init_from, start is not None, abstract)
+                         full_sh, put, workdir, init_from, start is not None, abstract)
     it = rollouts
   if start is not None:
     it.set_state(data_state)
@@ -464,9 +465,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   eval_keys = ("tokens", "loss_mask")  # SFT rows also carry their segments and positions
   if isinstance(data.val_rows, dict):
     eval_keys += tuple(k for k in data.val_rows if k not in eval_keys)
-  eval_param_sh = shardings.params if frozen is None else lora.combine(
-      jax.tree.map(lambda a: a.sharding, frozen_abstract), shardings.params)
-  eval_step = elbo.jit_eval_step(mesh, rules, eval_param_sh, batch_keys=eval_keys,
+  eval_step = elbo.jit_eval_step(mesh, rules, full_sh, batch_keys=eval_keys,
                                  model=apply, process=process,
                                  bd3_block_size=_bd3_block_size(config.model))
   all_finite = step_lib.jit_all_finite(shardings)
@@ -475,15 +474,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   use_ema = ema_decay > 0 and bool(config.eval.get("use_ema", True))
 
   def run_eval(st: state_lib.TrainState, max_rows: int, passes: int) -> dict[str, float]:
+    params = st.ema_params if use_ema else st.params
+    if frozen is not None:
+      params = lora.combine(frozen, params)
+    if rollouts is not None:  # GRPO: the validation prompts' rewards (no rows)
+      return rollouts.evaluate(params)
     rows = data.val_rows
     if max_rows:
       rows = ({k: v[:max_rows] for k, v in rows.items()} if isinstance(rows, dict)
               else rows[:max_rows])
-    params = st.ema_params if use_ema else st.params
-    if frozen is not None:
-      params = lora.combine(frozen, params)
-    if rollouts is not None:  # GRPO: the validation prompts' rewards
-      return rollouts.evaluate(params)
     return elbo.evaluate(eval_step, params, rows, batch_size=int(config.eval.batch_size),
                          piece_bytes=piece_bytes, num_passes=passes, seed=int(config.eval.seed),
                          put=put_eval, progress=lambda _: watchdog.kick())
