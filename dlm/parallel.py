@@ -146,6 +146,31 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict
           for k, v in local.items()}
 
 
+def spans_processes(mesh: Mesh) -> bool:
+  """The mesh has devices of other processes (multi-host): arrays on it are global."""
+  me = jax.process_index()
+  return any(d.process_index != me for d in mesh.devices.flat)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array sharded over its first axis: the inverse of
+  ``global_batch`` (all of ``x`` when every device is this process's)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.global_array_to_host_local_array(
+      x, x.sharding.mesh, x.sharding.spec))
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+  """Every process's ``local`` rows, concatenated in process order (the rows of the global
+  batch that ``global_batch`` builds from them); ``local`` itself on one process."""
+  if jax.process_count() == 1:
+    return np.asarray(local)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
+
+
 def replicated_batch(host: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
   """A batch every process holds in full -> global arrays; each device reads only its rows."""
   return {k: jax.make_array_from_callback(v.shape, batch_sharding(mesh, rules, v.ndim),

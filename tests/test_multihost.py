@@ -73,6 +73,47 @@ def test_two_processes_match_one(tmp_path):
   assert len(steps) == 5
 
 
+def test_grpo_two_processes_match_one_on_an_8_device_mesh(tmp_path):
+  """diffu-GRPO sharded like training: rollouts through the engine on a data x fsdp x tensor
+  mesh, each process sampling and scoring its own prompts; 2 x 4 devices == 1 x 8 (buffers,
+  rewards, parameters)."""
+  import json  # noqa: PLC0415
+
+  from dlm.train import grpo  # noqa: PLC0415
+  one, two = tmp_path / "one", tmp_path / "two"
+  cmd = [sys.executable, "-m", "dlm.main", "train", f"--config={ROOT}/configs/grpo.py:smoke",
+         "--config.train.steps=4", "--config.train.checkpoint_every=4",
+         "--config.train.eval_every=4", "--config.train.log_every=1",
+         "--config.data.grpo.max_prompts=40", "--config.data.grpo.max_val_prompts=5",
+         "--config.grpo.rewards=length", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+         "--config.mesh.tensor=2"]  # num_iterations 2, beta > 0: old and reference log-probs
+  subprocess.run(cmd + [f"--workdir={one}"], env=_env(8), cwd=ROOT, check=True,
+                 capture_output=True, timeout=300)
+  two.mkdir()  # the same tokenizer, not trained again
+  (two / "tokenizer.model").write_bytes((one / "tokenizer.model").read_bytes())
+  env = _env(1, DLM_LOCAL_DEVICES="4")
+  del env["XLA_FLAGS"]
+  proc = subprocess.run([str(ROOT / "launch" / "local.sh"), "2", "--"] + cmd
+                        + [f"--workdir={two}"], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  bufs = [grpo._unpack(json.loads((d / "checkpoints/4/data/metadata").read_text())["buffer"])
+          for d in (one, two)]
+  assert bufs[0]["old_logp"].shape == (2, 8, 48)
+  for k in bufs[0]:
+    np.testing.assert_allclose(bufs[0][k], bufs[1][k], atol=1e-5, err_msg=k)
+  logs = [[json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+          for d in (one, two)]
+  rewards = [[x["reward"] for x in log if "reward" in x] for log in logs]
+  assert len(rewards[0]) == 2 and 0 < rewards[0][0] < 1  # a rollout per 2 steps, not constant
+  np.testing.assert_allclose(rewards[0], rewards[1], rtol=1e-6)
+  val = [[x["val_reward"] for x in log if "val_reward" in x] for log in logs]
+  np.testing.assert_allclose(val[0], val[1], rtol=1e-6)
+  a, b = load_run(one), load_run(two)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker_dies", "coordinator_dies"])
 def test_peer_death_stops_the_survivor(tmp_path, victim):
   procs = _start_pair(tmp_path, stdout=subprocess.DEVNULL)
@@ -120,3 +161,19 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(tmp_path):
     for p in procs:
       if p.poll() is None:
         p.kill()
+
+
+def test_batch_axes_must_span_the_processes():
+  """Each process feeds its own rows: a mesh whose batch axes (data x fsdp) do not split over
+  the processes would give every process's devices the same row shards; one line instead."""
+  import types  # noqa: PLC0415
+
+  import ml_collections  # noqa: PLC0415
+
+  from dlm.errors import UserError  # noqa: PLC0415
+  from dlm.train import loop  # noqa: PLC0415
+  tc = ml_collections.ConfigDict({"batch_size": 8, "microbatches": 1})
+  mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 8})
+  with pytest.raises(UserError, match="data x fsdp = 1 devices must be a multiple of the 2"):
+    loop.check_batch(tc, mesh, 2)
+  loop.check_batch(tc, types.SimpleNamespace(shape={"data": 2, "fsdp": 1, "tensor": 4}), 2)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlm import parallel
 from dlm.errors import UserError
 from dlm.registry import Registry
 
@@ -271,10 +272,21 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
     elif not make.pads:
       raise UserError(f"sampler {name!r} takes prompts of one length (no padding); use"
                       " sampler='llada' or 'dream', or one prompt at a time")
-  fn = program(model, name, make, full, batch=given.shape[0], padded=am is not None)
+  mesh = getattr(model, "mesh", None)
+  multi = mesh is not None and parallel.spans_processes(mesh)
+  fn = program(model, name, make, full, batch=given.shape[0] * (jax.process_count() if multi
+                                                                  else 1), padded=am is not None)
   key = jax.random.key(seed) if rng is None else rng
-  x, nfe, committed_at = fn(model.sampling_params(), key, jnp.asarray(given),
-                            jnp.asarray(fixed), None if am is None else jnp.asarray(am))
+  if multi:  # multi-host: this process's rows of one global batch (every process calls this)
+    rows = row_sharding(model)
+    put = lambda a: jax.make_array_from_process_local_data(rows, a)  # noqa: E731
+    x, nfe, committed_at = fn(model.sampling_params(), key, put(given), put(fixed),
+                              None if am is None else put(am))
+    x, committed_at = parallel.local_rows(x), parallel.local_rows(committed_at)
+    nfe = nfe.addressable_data(0)
+  else:
+    x, nfe, committed_at = fn(model.sampling_params(), key, jnp.asarray(given),
+                              jnp.asarray(fixed), None if am is None else jnp.asarray(am))
   seqs, committed_at = np.asarray(x), np.asarray(committed_at)
   # columns after the last one any row reached (every row stopped early: EOS) are cut
   reached = fixed.any(0) | (committed_at >= 0).any(0)
@@ -311,17 +323,29 @@ def program(model: Any, name: str, make: Callable[..., Sampler], full: dict[str,
   # the ids are part of the program (mask id, EOS flags): a change to model.ids recompiles
   jit_kw = {}
   mesh = getattr(model, "mesh", None)
-  if mesh is not None:  # prompts over `data`, parameters as placed (fsdp, tensor)
+  if mesh is not None:  # prompts over `batch`'s axes, parameters as placed (fsdp, tensor)
     from jax.sharding import NamedSharding, PartitionSpec as P
-    data = mesh.shape["data"]
-    if batch % data:
+    row, one = row_sharding(model), NamedSharding(mesh, P())
+    axes = row.spec[0] if isinstance(row.spec[0], tuple) else (row.spec[0],)
+    shards = int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+    if batch % shards:
       raise UserError(f"a batch of {batch} rows does not divide over the mesh's"
-                      f" data={data}; give a multiple of {data} rows or a smaller mesh data size")
-    row, one = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P())
+                      f" {'x'.join(f'{a}={mesh.shape[a]}' for a in axes if a)}; give a multiple"
+                      f" of {shards} rows or a smaller mesh data size")
     jit_kw = dict(in_shardings=(model.param_shardings, one, row, row, row if padded else None),
                   out_shardings=(row, one, row))
   key = dict(full, _ids=tuple(sorted(ids.items())), _padded=padded and mesh is not None)
   return model.jitted(name, key, build, **jit_kw)
+
+
+def row_sharding(model: Any) -> Any:
+  """How a sampled batch's rows lie on the model's mesh: its rules' ``batch`` axes (a loaded
+  model's sampling rules put them over ``data``; a training run's, e.g. GRPO rollouts, over
+  ``data`` and ``fsdp``, as its train step does)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  if getattr(model, "rules", None) is None:
+    return NamedSharding(model.mesh, P("data", None))
+  return parallel.batch_sharding(model.mesh, model.rules)
 
 
 def _generated(seqs: np.ndarray, fixed: np.ndarray, eos_id: int | None) -> list[list[int]]:

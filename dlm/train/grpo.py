@@ -25,6 +25,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from dlm import parallel
 from dlm.data import rl_prompts
 from dlm.errors import UserError
 from dlm.train import rewards as rewards_lib
@@ -49,6 +50,11 @@ def check(config: Any) -> None:
   if g < 2 or b % g:
     raise UserError(f"grpo.num_generations={g} must be >= 2 and divide train.batch_size={b}"
                     " (each prompt's completions form one group); change one of them")
+  hosts = jax.process_count()
+  if b % (g * hosts):
+    raise UserError(f"train.batch_size={b} must split into whole groups of grpo.num_generations="
+                    f"{g} on each of the {hosts} processes (each samples and scores its own"
+                    f" prompts); make it a multiple of {g * hosts}")
   if int(gc.get("num_iterations", 1)) < 1:
     raise UserError(f"grpo.num_iterations={gc.num_iterations} must be >= 1")
   names = list(gc.rewards)
@@ -136,8 +142,9 @@ class Rollouts:
     return out
 
   def _score(self, texts: list[str], columns: list[dict[str, Any]], completions: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """(rewards [B], completion mask [B, C], metrics)."""
+             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({"reward": weighted total [B], "reward_NAME": each reward [B], "completion_length" [B]},
+    completion mask [B, C]) of this process's rows."""
     eos = int(self.model.ids["eos"])
     is_eos = completions == eos
     first = np.where(is_eos.any(1), is_eos.argmax(1), completions.shape[1] - 1)
@@ -147,21 +154,25 @@ class Rollouts:
             zip(completions, first, is_eos.any(1))]
     cols = {k: [c.get(k) for c in columns] for k in {k for c in columns for k in c}}
     total = np.zeros(len(done), np.float64)
-    metrics: dict[str, float] = {}
+    per_row: dict[str, np.ndarray] = {}
     for name, fn, w in self.rewards:
       r = np.asarray(fn(prompts=texts, completions=done, **cols), np.float64)
       if r.shape != (len(done),) or not np.all(np.isfinite(r)):
         raise UserError(f"reward {name!r} returned {r.shape} values (finite: "
                         f"{bool(np.all(np.isfinite(r)))}) for {len(done)} completions; it must"
                         " return one finite float per completion")
-      metrics[f"reward_{name}"] = float(r.mean())
+      per_row[f"reward_{name}"] = r
       total += w * r
-    metrics.update(reward=float(total.mean()), reward_std=float(total.std()),
-                   completion_length=float(mask.sum(1).mean()))
-    return total, mask, metrics
+    per_row.update(reward=total, completion_length=mask.sum(1).astype(np.float64))
+    return per_row, mask
+
+  def _local(self, rows: np.ndarray) -> np.ndarray:
+    """This process's slice of global rows (process order, as ``parallel.global_batch``)."""
+    n = rows.shape[0] // jax.process_count()
+    return rows[jax.process_index() * n:(jax.process_index() + 1) * n]
 
   def _rollout(self, params: Any, step: int) -> dict[str, float]:
-    raw = next(self.prompts)
+    raw = next(self.prompts)  # this process's prompts; the groups of its rows are its own
     index = np.asarray(raw["index"])[:, 0]
     ids = np.repeat(self.train_set.ids[index], self.g, axis=0)
     attention = np.repeat(self.train_set.attention[index], self.g, axis=0)
@@ -169,47 +180,58 @@ class Rollouts:
     columns = [self.train_set.columns[i] for i in index for _ in range(self.g)]
     comp = self._generate(params, ids, attention, self.seed * 1_000_003 + step,
                           float(self.gc.temperature))
-    r, comp_mask, metrics = self._score(texts, columns, comp)
-    groups = r.reshape(-1, self.g)
+    per_row, comp_mask = self._score(texts, columns, comp)
+    groups = per_row["reward"].reshape(-1, self.g)
     adv = groups - groups.mean(1, keepdims=True)
     if bool(self.gc.get("scale_rewards", False)):
       adv = adv / (groups.std(1, keepdims=True) + 1e-4)
-    metrics["zero_std_ratio"] = float((groups.std(1) < 1e-6).mean())
-    b, length = ids.shape[0], self.p + self.c
-    buf = {"tokens": np.concatenate([ids, comp], 1),
-           "loss_mask": np.concatenate([np.zeros_like(ids, np.float32), comp_mask], 1),
-           "prompt_mask": np.concatenate([attention.astype(np.float32),
-                                          np.zeros_like(comp, np.float32)], 1),
-           "attention_mask": np.concatenate([attention, np.ones_like(comp)], 1),
-           "advantages": np.repeat(adv.reshape(-1, 1), length, 1).astype(np.float32)}
+    per_row["zero_std"] = np.repeat((groups.std(1) < 1e-6).astype(np.float64), self.g)
+    length = self.p + self.c
+    local = {"tokens": np.concatenate([ids, comp], 1),
+             "loss_mask": np.concatenate([np.zeros_like(ids, np.float32), comp_mask], 1),
+             "prompt_mask": np.concatenate([attention.astype(np.float32),
+                                            np.zeros_like(comp, np.float32)], 1),
+             "attention_mask": np.concatenate([attention, np.ones_like(comp)], 1),
+             "advantages": np.repeat(adv.reshape(-1, 1), length, 1).astype(np.float32)}
     random = bool(self.gc.get("random_masking", True))
     seeds = np.asarray([(self.seed * 7919 + (step + i if random else 0)) % (2**31 - 1)
                         for i in range(self.mu)], np.int64)
-    buf["mask_seeds"] = seeds
+    b = ids.shape[0]
     for key, want, p in (("old_logp", self.mu > 1, lambda: params),
                          ("ref_logp", bool(self.beta), self.ref_params)):
       if want:
         theta = p()
-        buf[key] = np.stack([np.asarray(self.logp_fn(theta, self.put(
-            dict({k: buf[k] for k in BUFFER_KEYS},
-                 mask_seed=np.full((b, length), s, np.int32))))) for s in seeds])
+        local[key] = np.stack([parallel.local_rows(self.logp_fn(theta, self.put(
+            dict({k: local[k] for k in BUFFER_KEYS},
+                 mask_seed=np.full((b, length), s, np.int32))))) for s in seeds], 1)
+    # the buffer holds every process's rows: the checkpoint (written by process 0) resumes all
+    buf = {k: parallel.gather_rows(v) for k, v in local.items()}
+    for key in ("old_logp", "ref_logp"):
+      if key in buf:
+        buf[key] = np.swapaxes(buf[key], 0, 1)  # [mu, B, L]
+    buf["mask_seeds"] = seeds
     self.buffer, self.k0 = buf, step
+    rows = {k: parallel.gather_rows(v) for k, v in per_row.items()}
+    metrics = {k: float(v.mean()) for k, v in rows.items() if k != "zero_std"}
+    metrics.update(reward_std=float(rows["reward"].std()),
+                   zero_std_ratio=float(rows["zero_std"].mean()))
     return metrics
 
   def batch(self, params: Any, step: int) -> tuple[dict[str, np.ndarray], dict[str, float] | None]:
-    """The batch of step ``step`` (0-based): a new rollout every ``num_iterations`` steps."""
+    """This process's rows of step ``step``'s batch (0-based): a new rollout every
+    ``num_iterations`` steps."""
     metrics = None
     if self.buffer is None or step - self.k0 >= self.mu or step < self.k0:
       metrics = self._rollout(params, step)
     i = step - self.k0
     buf = self.buffer
-    b, length = buf["tokens"].shape
-    out = {k: buf[k] for k in BUFFER_KEYS}
+    out = {k: self._local(buf[k]) for k in BUFFER_KEYS}
+    b, length = out["tokens"].shape
     out["mask_seed"] = np.full((b, length), int(buf["mask_seeds"][i]), np.int32)
     if "old_logp" in buf:
-      out["old_logp"] = buf["old_logp"][i]
+      out["old_logp"] = self._local(buf["old_logp"][i])
     if "ref_logp" in buf:
-      out["ref_logp"] = buf["ref_logp"][i]
+      out["ref_logp"] = self._local(buf["ref_logp"][i])
     return out, metrics
 
   def evaluate(self, params: Any) -> dict[str, float]:
@@ -217,10 +239,10 @@ class Rollouts:
     vs = self.val_set
     n = vs.ids.shape[0]
     b = math.ceil(n / self.batch_size) * self.batch_size  # whole batches: they shard as training
-    take = np.arange(b) % n
-    comp = self._generate(params, vs.ids[take], vs.attention[take], 0, 0.0)[:n]
-    _, _, metrics = self._score(vs.texts, vs.columns, comp)
-    return {k: v for k, v in metrics.items() if k.startswith("reward") or k == "completion_length"}
+    take = self._local(np.arange(b) % n)  # this process's share
+    comp = self._generate(params, vs.ids[take], vs.attention[take], 0, 0.0)
+    per_row, _ = self._score([vs.texts[i] for i in take], [vs.columns[i] for i in take], comp)
+    return {k: float(parallel.gather_rows(v)[:n].mean()) for k, v in per_row.items()}
 
 
 def logp_fn(apply: Any, mask_id: int, p_mask_prompt: float, param_shardings: Any, mesh: Any,

@@ -287,6 +287,10 @@ def check_batch(tc: ml_collections.ConfigDict, mesh: Any, process_count: int) ->
     raise UserError(f"train.microbatches={microbatches} must be >= 1 and divide"
                     f" train.batch_size={tc.batch_size}; change one of them")
   per_micro = tc.batch_size // microbatches
+  if shards % process_count:
+    raise UserError(f"the mesh's data x fsdp = {shards} devices must be a multiple of the"
+                    f" {process_count} processes: each process feeds its own rows (keep"
+                    " tensor parallelism within a host, e.g. --config.mesh.data=-1)")
   if per_micro % shards or tc.batch_size % process_count:
     raise UserError(
         f"train.batch_size={tc.batch_size} / train.microbatches={microbatches} must be divisible"
@@ -378,9 +382,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   check_blocks(config)
 
   data_is_grpo = config.data.source == "grpo"
-  if data_is_grpo and jax.process_count() > 1:
-    raise UserError("GRPO rollouts run in one process for now (sharded over its devices); run"
-                    " configs/grpo.py on one host")
   # --- data: process 0 trains the tokenizer and fills the cache, the others then load it ---
   if not is_main:
     distributed.barrier("dlm_prepare")
