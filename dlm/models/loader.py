@@ -132,6 +132,18 @@ class DiffusionLM:
     return engine.generate(self, prompt_ids, attention_mask, sampler=sampler, seed=seed,
                            prompt_bucket=prompt_bucket, **knobs)
 
+  def log_likelihood(self, prompt_ids: Any, answer_ids: Any, *, num_samples: int = 128,
+                     batch_size: int = 32, seed: int = 0, cfg_scale: float = 0.0,
+                     bucket: int = 16, progress: bool = False) -> Any:
+    """log p(answer | prompt) with its standard error: LLaDA's Monte-Carlo estimator (eq. 6,
+    stratified mask counts; ``num_samples`` is its mc_num, ``cfg_scale`` its cfg) for masked
+    diffusion models, per block for BD3-LM, exact for autoregressive models.  One pair (two
+    flat token lists) or many (lists of lists).  See ``dlm.eval.likelihood``."""
+    from dlm.eval import likelihood  # the layer above: imported only when scoring
+    return likelihood.log_likelihood(self, prompt_ids, answer_ids, num_samples=num_samples,
+                                     batch_size=batch_size, seed=seed, cfg_scale=cfg_scale,
+                                     bucket=bucket, progress=progress)
+
 
 def is_hf_folder(path: str | pathlib.Path) -> bool:
   """A Hugging Face model folder: a config.json that is not a dlm config (no ``model``)."""
