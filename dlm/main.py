@@ -12,7 +12,8 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "plot", "convert", "export", "tokenizer", "compile")
+COMMANDS = ("train", "sample", "eval", "harness", "plot", "convert", "export", "tokenizer",
+            "compile")
 USAGE = f"usage: dlm {{{'|'.join(COMMANDS)}}} [--flags]; `dlm CMD --helpfull` lists a command's flags"
 
 
@@ -111,6 +112,17 @@ def _define_eval_flags() -> None:
                        " config.eval.seq_len, else 512 for imported models).")
   flags.DEFINE_integer("max_rows", None, "Evaluate at most this many validation rows (0 = all).")
   flags.DEFINE_integer("num_passes", None, "Stratified time passes over the rows.")
+
+
+def _define_harness_flags() -> None:
+  flags.DEFINE_string("model_args", None, "pretrained=DIR[,sampler=NAME][,mc_num=128][,batch_size=32]"
+                      "[,cfg=0][,is_check_greedy=True][,steps=..,gen_length=..,KNOB=..][,seed=0]")
+  flags.DEFINE_list("tasks", None, "lm_eval task names, comma-separated.")
+  flags.DEFINE_string("include_path", None, "A folder of task YAML files (local tasks).")
+  flags.DEFINE_integer("num_fewshot", None, "Few-shot examples per request (default: the task's).")
+  flags.DEFINE_float("limit", None, "Documents per task (or a fraction < 1).")
+  flags.DEFINE_bool("log_samples", False, "Keep every request's inputs and outputs in --output.")
+  flags.DEFINE_string("output", None, "Write the results (and provenance) to this new FILE.json.")
 
 
 def _define_plot_flags() -> None:
@@ -340,6 +352,30 @@ def cmd_eval() -> None:
   print(json.dumps(result))
 
 
+def cmd_harness() -> None:
+  """`dlm harness --model_args=pretrained=DIR --tasks=...`: lm_eval.simple_evaluate with the
+  `dlm` model (the optional extra `eval`)."""
+  f = flags.FLAGS
+  if not f.model_args or not f.tasks:
+    raise _usage("dlm harness needs --model_args=pretrained=DIR[,...] and --tasks=NAME[,NAME]")
+  if f.output and os.path.exists(f.output):
+    raise _usage(f"{f.output} exists; results are never overwritten: pick another --output")
+  try:
+    from dlm.eval import harness
+  except ImportError as e:
+    raise _usage(f"dlm harness needs lm-evaluation-harness ({e.name} is missing): pip install"
+                 " -e '.[eval]'") from None
+  result = harness.evaluate(f.model_args, f.tasks, include_path=f.include_path,
+                            num_fewshot=f.num_fewshot, limit=f.limit, log_samples=f.log_samples,
+                            trust_config_code=f.trust_config_code)
+  from lm_eval.utils import make_table
+  print(make_table(result), file=sys.stderr)
+  if f.output:
+    with open(f.output, "x", encoding="utf-8") as out:
+      json.dump(result, out, indent=1)
+  print(json.dumps({"results": result["results"], "dlm": result["dlm"]}))
+
+
 def cmd_plot() -> None:
   from dlm.train import plot
   print(plot.plot_curves(_workdir(), out=flags.FLAGS.out))
@@ -413,6 +449,7 @@ _COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "train": (_define_train_flags, cmd_train),
     "sample": (lambda: (_define_sample_flags(), _define_trust_flag()), cmd_sample),
     "eval": (lambda: (_define_eval_flags(), _define_trust_flag()), cmd_eval),
+    "harness": (lambda: (_define_harness_flags(), _define_trust_flag()), cmd_harness),
     "plot": (_define_plot_flags, cmd_plot),
     "convert": (_define_convert_flags, cmd_convert),
     "export": (lambda: (_define_export_flags(), _define_trust_flag()), cmd_export),

@@ -96,7 +96,8 @@ def _check(model: Any, prompts: list[list[int]], answers: list[list[int]], num_s
   if cfg_scale < 0 or (cfg_scale and method != "monte_carlo"):
     raise UserError(f"cfg_scale={cfg_scale} must be >= 0, and 0 for {method} likelihoods"
                     " (guidance is LLaDA's, for masked diffusion models)")
-  context = _context(model)
+  from dlm.sample import engine
+  context = engine.model_context(model)
   for i, (p, a) in enumerate(zip(prompts, answers)):
     if not a:
       raise UserError(f"pair {i}: the answer is empty; give at least one answer token")
@@ -111,12 +112,6 @@ def _check(model: Any, prompts: list[list[int]], answers: list[list[int]], num_s
       raise UserError(f"pair {i}: prompt {len(p)} + answer {len(a)} tokens exceed the model's"
                       f" context of {context}; shorten the prompt (keep its last tokens) or the"
                       " answer")
-
-
-def _context(model: Any) -> int:
-  data = model.config.get("data") if hasattr(model.config, "get") else None
-  seq_len = data.get("seq_len") if hasattr(data, "get") else None
-  return int(seq_len) if isinstance(seq_len, int) and seq_len > 0 else 0
 
 
 def stratified_counts(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:

@@ -227,10 +227,10 @@ def _ids(model: Any) -> dict[str, Any]:
               eot_id=ids.get("eot"), shifted=bool(model.model_cfg.shift_logits),
               causal=model.model_cfg.mask_kind == "causal", pad_id=ids.get("pad"),
               block_size=model.model_cfg.block_size if model.model_cfg.mask_kind == "bd3" else 0,
-              context=_context(model))
+              context=model_context(model))
 
 
-def _context(model: Any) -> int:
+def model_context(model: Any) -> int:
   """The training context (``config.data.seq_len``) of a workdir's model, else 0."""
   data = model.config.get("data") if hasattr(model.config, "get") else None
   seq_len = data.get("seq_len") if hasattr(data, "get") else None
