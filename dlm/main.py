@@ -1,10 +1,12 @@
-"""The ``dlm`` command: ``dlm train | sample | eval | plot | convert | export | tokenizer | compile``."""
+"""The ``dlm`` command: ``dlm train | sample | eval | harness | plot | convert | export | tokenizer |
+compile``."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import pathlib
 import sys
 import time
 from typing import Callable
@@ -112,6 +114,23 @@ def _define_eval_flags() -> None:
                        " config.eval.seq_len, else 512 for imported models).")
   flags.DEFINE_integer("max_rows", None, "Evaluate at most this many validation rows (0 = all).")
   flags.DEFINE_integer("num_passes", None, "Stratified time passes over the rows.")
+  flags.DEFINE_integer("samples", None, "Sample quality instead: draw N samples and report"
+                       " gen-ppl (with --evaluator), entropy, repetition, NFE, tokens/s.")
+  flags.DEFINE_string("evaluator", None, "An autoregressive model (dlm AR workdir or imported"
+                      " Llama/Qwen2) that scores --samples (gen-ppl).")
+  flags.DEFINE_bool("retokenize", False, "--evaluator with another tokenizer: score the samples'"
+                    " text re-encoded with its tokenizer (else refused).")
+  flags.DEFINE_string("sampler", None, "--samples: the sampler (default: the model's own).")
+  flags.DEFINE_multi_string("knob", None, "--samples: NAME=VALUE, any knob of the sampler"
+                            " (JSON values), e.g. --knob=steps=64 --knob=gumbel_bits=32.")
+  flags.DEFINE_integer("seed", 0, "--samples: sampling seed.")
+  flags.DEFINE_integer("batch_size", 16, "--samples: samples drawn at once.")
+  flags.DEFINE_string("output", None, "--samples: write each sample (text, ids, entropy,"
+                      " repetition, NLL) to this new FILE.jsonl; --frontier: the points'"
+                      " FILE.jsonl (its picture: FILE.png).")
+  flags.DEFINE_multi_string("frontier", None, "KNOB=V1,V2,...: sweep these knob values (every"
+                            " combination) and plot tokens/s against gen-ppl (needs --evaluator;"
+                            " --samples per point, default 16).")
 
 
 def _define_harness_flags() -> None:
@@ -346,10 +365,67 @@ def cmd_eval() -> None:
     low = 0 if name == "max_rows" else 1
     if f[name].value is not None and f[name].value < low:
       raise _usage(f"--{name}={f[name].value} must be >= {low}")
+  if f.samples is not None or f.frontier:
+    print(json.dumps(_eval_samples()))
+    return
+  for name in ("evaluator", "sampler", "knob", "output"):
+    if f[name].present:
+      raise _usage(f"--{name} applies to --samples=N (sample quality) and --frontier")
   result = run_eval.evaluate_workdir(f.hf or _workdir(), max_rows=f.max_rows,
                                      num_passes=f.num_passes, text=f.text, seq_len=f.seq_len,
                                      trust_config_code=f.trust_config_code)
   print(json.dumps(result))
+
+
+def _eval_samples() -> dict:
+  """`dlm eval --samples=N [--evaluator=AR] [--sampler=S --knob=K=V]`: sample quality."""
+  from dlm.eval import samples
+  from dlm.models import loader
+  from dlm.sample import engine
+  f = flags.FLAGS
+  path = f.hf or _workdir()
+  outputs = [f.output] if f.output else []
+  if f.frontier:
+    stem = f.output or os.path.join(path, f"frontier-{f.sampler or 'default'}.jsonl")
+    outputs = [stem, os.path.splitext(stem)[0] + ".png"]
+  for out in outputs:
+    if os.path.exists(out):
+      raise _usage(f"{out} exists; outputs are never overwritten: pick another --output")
+  model = loader.load(path, trust_config_code=f.trust_config_code)
+  name = f.sampler or engine.default_sampler(model)
+  make = engine.resolve(name)
+  knobs = {}
+  for item in f.knob or []:
+    key, sep, value = item.partition("=")
+    if not sep or key not in make.knobs:
+      raise _usage(f"--knob={item!r}: sampler {name!r} takes {', '.join(make.knobs)}"
+                   " (as --knob=NAME=VALUE)")
+    knobs[key] = _knob_value(value)
+  evaluator = None
+  if f.frontier:
+    from dlm.eval import frontier
+    grid = frontier.parse_grid(f.frontier, make.knobs, name, _knob_value)
+  if f.evaluator:
+    evaluator = loader.load(f.evaluator, trust_config_code=f.trust_config_code)
+  if f.frontier:
+    points = frontier.sweep(model, evaluator, grid, sampler=name, knobs=knobs,
+                            num_samples=f.samples or 16, seed=f.seed, batch_size=f.batch_size,
+                            retokenize=f.retokenize, path=path, evaluator_path=f.evaluator)
+    frontier.write(points, pathlib.Path(outputs[0]), pathlib.Path(outputs[1]),
+                   f"{name} on {path} ({f.samples or 16} samples a point, gen-ppl under"
+                   f" {f.evaluator})")
+    print(f"wrote {outputs[0]} and {outputs[1]}", file=sys.stderr)
+    return {"points": len(points), "jsonl": outputs[0], "png": outputs[1],
+            "pareto": [p["sweep"] for p in points if p["pareto"]]}
+  summary, rows = samples.evaluate(model, f.samples, evaluator=evaluator, sampler=name,
+                                   knobs=knobs, seed=f.seed, batch_size=f.batch_size,
+                                   retokenize=f.retokenize, path=path,
+                                   evaluator_path=f.evaluator)
+  if f.output:
+    with open(f.output, "x", encoding="utf-8") as out:
+      for row in rows:
+        out.write(json.dumps(row) + "\n")
+  return summary
 
 
 def cmd_harness() -> None:

@@ -110,4 +110,6 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, max_rows: int | None = None
     result["corpus_python_version"] = meta["python_version"]
   if "text" in meta:
     result["text"] = meta["text"]
+  from dlm.eval import provenance
+  result["dlm"] = provenance.record(model, seed=int(ec.get("seed", 1234)), path=str(workdir))
   return result

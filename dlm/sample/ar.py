@@ -37,6 +37,7 @@ KNOBS = {
                                       " model's EOS)"),
     "pad_token_id": engine.Knob(None, "fills a finished row (None: the model's pad, else EOS)"),
     "use_cache": engine.Knob(True, "KV cache (False: recompute the whole prefix each call)"),
+    "gumbel_bits": engine.Knob(64, cat.BITS_DOC),
 }
 
 
@@ -49,7 +50,7 @@ def _ids(value: Any, name: str, vocab: int) -> tuple[int, ...]:
 
 
 def next_token(logits: Array, rng: Array, *, greedy: bool, temperature: float,
-               top_k: int | None, top_p: float) -> Array:
+               top_k: int | None, top_p: float, gumbel_bits: int = 64) -> Array:
   """The next token of each row from its logits [B, V]: argmax, or a draw after the warpers."""
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -59,13 +60,14 @@ def next_token(logits: Array, rng: Array, *, greedy: bool, temperature: float,
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:
     logits = cat.top_p_filter(logits, top_p)
-  return cat.categorical(rng, logits)
+  return cat.categorical(rng, logits, gumbel_bits)
 
 
 @engine.register("ar", knobs=KNOBS, length="max_new_tokens", causal=True)
 def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int,
          do_sample: bool, temperature: float, top_k: int | None, top_p: float,
-         eos_token_id: Any, pad_token_id: int | None, use_cache: bool) -> engine.Sampler:
+         eos_token_id: Any, pad_token_id: int | None, use_cache: bool,
+         gumbel_bits: int = 64) -> engine.Sampler:
   """HF ``generate(do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)``."""
   del process
   if not denoiser.causal:
@@ -85,7 +87,8 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int,
     pad_token_id = denoiser.pad_id if denoiser.pad_id is not None else (eos[0] if eos else 0)
   pad = _ids(pad_token_id, "pad_token_id", vocab)[0]
   greedy = not do_sample or temperature == 0
-  warp = dict(greedy=greedy, temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+  warp = dict(greedy=greedy, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+              gumbel_bits=cat.check_bits(gumbel_bits))
 
   def init(rng: Array, given: Array, fixed: Array, am: Array | None) -> engine.State:
     b, length = given.shape

@@ -57,6 +57,7 @@ KNOBS = {
                                    " False: full passes)"),
     "context_size": engine.Knob(None, "tokens a pass sees, its block included; longer"
                                       " sequences slide (None: the training context)"),
+    "gumbel_bits": engine.Knob(64, cat.BITS_DOC),
 }
 
 PROMPT, DENOISE, CLEAN = 0, 1, 2  # the pass a step makes
@@ -93,7 +94,7 @@ def _alpha(process: Any):
 def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
          block_length: int | None, steps: int | None, algorithm: str, first_hitting: bool,
          nucleus_p: float, temperature: float | None, stop_at_eos: bool, use_cache: bool,
-         context_size: int | None) -> engine.Sampler:
+         context_size: int | None, gumbel_bits: int = 64) -> engine.Sampler:
   """Semi-autoregressive block diffusion: confidence or ancestral steps inside each block."""
   if not denoiser.block_size:
     raise UserError("sampler 'bd3' needs a block diffusion model (model.mask_kind='bd3'); use"
@@ -117,6 +118,7 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
     temperature = 1.0 if ancestral else 0.0
   if temperature < 0:
     raise UserError(f"temperature={temperature!r} must be >= 0")
+  bits = cat.check_bits(gumbel_bits)
   context = context_size or denoiser.context or None
   if context is not None and (context % bs or context < 2 * bs):
     raise UserError(f"context_size={context} must be a multiple of the block {bs}, at least"
@@ -208,14 +210,14 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
     x0_rng, pick_rng = jax.random.split(rng)
     if not ancestral:
       k = llada.quota_of(n, i, steps)
-      scores = logits / temperature + cat.gumbel(x0_rng, logits.shape) if temperature > 0 \
+      scores = logits / temperature + cat.gumbel(x0_rng, logits.shape, bits) if temperature > 0 \
           else logits
       x0 = jnp.argmax(scores, axis=-1).astype(jnp.int32)
       conf = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), x0[..., None], -1)[..., 0]
       conf = jnp.where(masked, conf, -jnp.inf)
       return x0, masked & (llada.descending_rank(conf) < k[:, None])
     if temperature > 0:
-      x0 = cat.categorical(x0_rng, nucleus(logits / temperature, nucleus_p))
+      x0 = cat.categorical(x0_rng, nucleus(logits / temperature, nucleus_p), bits)
     else:
       x0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if hitting:  # one masked position, uniformly: the first to be hit going backwards in t

@@ -11,8 +11,12 @@ float64's 36.7 (53-bit uniform), and the draw is still float32 arithmetic.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+from dlm.errors import UserError
 
 _2_32 = 2.0 ** 32
 
@@ -31,13 +35,29 @@ def gumbel_from_uniform(v: jax.Array) -> jax.Array:
   return -jnp.log(-jnp.log1p(-v))
 
 
-def gumbel(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+GUMBEL_BITS = (64, 32)
+BITS_DOC = ("Gumbel noise from 64 random bits (float64-grade tail, ~44); 32: float32 uniforms"
+            " (tail ~16), as MDLM's code drew them (Zheng et al. 2024: a lower temperature)")
+
+
+def check_bits(bits: Any) -> int:
+  if isinstance(bits, bool) or bits not in GUMBEL_BITS:
+    raise UserError(f"gumbel_bits={bits!r} must be 64 (default) or 32 (float32 noise)")
+  return int(bits)
+
+
+def gumbel(key: jax.Array, shape: tuple[int, ...], bits: int = 64) -> jax.Array:
+  """Standard Gumbel noise.  ``bits=32`` is the float32 draw of the reference PyTorch code,
+  -log(-log(u)) with u ~ U[0, 1) in float32: its tail stops at -log(-log(1 - 2^-23)) ~ 15.9
+  (Zheng et al. 2024, sec. 4), kept to measure what that truncation costs."""
+  if bits == 32:
+    return -jnp.log(-jnp.log(jax.random.uniform(key, shape, jnp.float32)))
   return gumbel_from_uniform(uniform_64bit(key, shape))
 
 
-def categorical(key: jax.Array, log_probs: jax.Array) -> jax.Array:
+def categorical(key: jax.Array, log_probs: jax.Array, bits: int = 64) -> jax.Array:
   """Draws from the last axis of ``log_probs`` [..., V] (unnormalised is fine): int32 [...]."""
-  g = gumbel(key, log_probs.shape)
+  g = gumbel(key, log_probs.shape, bits)
   return jnp.argmax(log_probs.astype(jnp.float32) + g, axis=-1).astype(jnp.int32)
 
 

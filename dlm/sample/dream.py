@@ -52,13 +52,14 @@ KNOBS = {
     "temperature": engine.Knob(0.0, "softmax temperature of the x0 draw; 0 = argmax"),
     "top_p": engine.Knob(None, "nucleus filter before the draw (None: off)"),
     "top_k": engine.Knob(None, "keep the k largest logits (None: off)"),
+    "gumbel_bits": engine.Knob(64, cat.BITS_DOC),
 }
 
 
 @engine.register("dream", knobs=KNOBS, length="max_new_tokens")
 def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int, steps: int,
          alg: str, alg_temp: float | None, eps: float, temperature: float, top_p: float | None,
-         top_k: int | None) -> engine.Sampler:
+         top_k: int | None, gumbel_bits: int = 64) -> engine.Sampler:
   """Dream ``diffusion_generate`` (Ye et al. 2025) on a prompt and ``max_new_tokens`` masks."""
   del process
   if alg not in ALGS:
@@ -68,6 +69,7 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int,
   if alg_temp:
     raise UserError("alg_temp > 0 (random confidence-weighted transfer) is not implemented;"
                     " use alg_temp=0 or None")
+  bits = cat.check_bits(gumbel_bits)
   mask_id = denoiser.mask_id
   timesteps = jnp.linspace(1.0, eps, steps + 1, dtype=jnp.float32)
 
@@ -84,7 +86,7 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int,
     rng, draw_rng, origin_rng = jax.random.split(state.rng, 3)
     if temperature > 0:
       logits = logits / temperature
-      x0 = cat.categorical(draw_rng, logits)
+      x0 = cat.categorical(draw_rng, logits, bits)
     else:
       x0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     probs = jax.nn.softmax(logits, axis=-1)

@@ -38,19 +38,21 @@ KNOBS = {
     "remasking": engine.Knob("low_confidence", "confidence: low_confidence (softmax) or random"),
     "threshold": engine.Knob(None, "commit every candidate this confident (None: fixed quota)"),
     "use_cache": engine.Knob("none", "KV cache: none, prefix or dual"),
+    "gumbel_bits": engine.Knob(64, cat.BITS_DOC),
 }
 
 
 def _commit(x: Array, logits: Array, start: Array, width: int, quota_k: Array,
             threshold: float | None, mask_id: int, nfe: Array, committed_at: Array,
-            fixed: Array, rng: Array, temperature: float, remasking: str
-            ) -> tuple[Array, Array]:
+            fixed: Array, rng: Array, temperature: float, remasking: str,
+            gumbel_bits: int = 64) -> tuple[Array, Array]:
   """One pass's decision on the block [start, start + width) from logits aligned with it."""
   blk = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
   masked = (blk == mask_id) & ~jax.lax.dynamic_slice_in_dim(fixed, start, width, axis=1)
   noise_rng, rand_rng = jax.random.split(rng)
   if temperature > 0:  # Fast-dLLM's add_gumbel_noise: argmax of logits / T + Gumbel
-    x0 = jnp.argmax(logits / temperature + cat.gumbel(noise_rng, logits.shape), axis=-1)
+    x0 = jnp.argmax(logits / temperature + cat.gumbel(noise_rng, logits.shape, gumbel_bits),
+                    axis=-1)
   else:
     x0 = jnp.argmax(logits, axis=-1)
   x0 = x0.astype(jnp.int32)
@@ -74,9 +76,10 @@ def _commit(x: Array, logits: Array, start: Array, width: int, quota_k: Array,
 @engine.register("fast_dllm", knobs=KNOBS)
 def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_length: int,
          block_length: int | None, temperature: float, remasking: str, threshold: float | None,
-         use_cache: str) -> engine.Sampler:
+         use_cache: str, gumbel_bits: int = 64) -> engine.Sampler:
   """Fast-dLLM ``generate`` / ``generate_with_prefix_cache`` / ``generate_with_dual_cache``."""
   del process
+  bits = cat.check_bits(gumbel_bits)
   if use_cache not in CACHES:
     raise UserError(f"use_cache={use_cache!r} unknown; use one of {list(CACHES)}")
   block_length = block_length or gen_length
@@ -110,7 +113,7 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_leng
     j = jnp.minimum(i, per_block - 1)
     k = llada.quota_of(n, j, per_block)
     x, at = _commit(state.x, logits, start, block_length, k, threshold, mask_id, state.nfe,
-                    state.committed_at, state.fixed, rng, temperature, remasking)
+                    state.committed_at, state.fixed, rng, temperature, remasking, bits)
     return state.replace(x=x, committed_at=at, nfe=state.nfe + 1,
                          aux=dict(state.aux, i=i + 1, n=n))
 

@@ -68,18 +68,21 @@ KNOBS = {
     "remasking": engine.Knob("low_confidence", "commit order: low_confidence (softmax) or random"),
     "logits_eos_inf": engine.Knob(False, "EOS logit -inf before the argmax"),
     "confidence_eos_eot_inf": engine.Knob(False, "EOS/EoT logits -inf before the confidence"),
+    "gumbel_bits": engine.Knob(64, cat.BITS_DOC),
 }
 
 
 @engine.register("llada", knobs=KNOBS)
 def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_length: int,
          block_length: int | None, temperature: float, cfg_scale: float, remasking: str,
-         logits_eos_inf: bool, confidence_eos_eot_inf: bool) -> engine.Sampler:
+         logits_eos_inf: bool, confidence_eos_eot_inf: bool,
+         gumbel_bits: int = 64) -> engine.Sampler:
   """LLaDA ``generate`` (Nie et al. 2025, Alg. 5) on a prompt followed by ``gen_length`` masks."""
   del process  # LLaDA's sampler is the masked process' own, by construction
   block_length = block_length or gen_length
   blocks = check_knobs(steps, gen_length, block_length, remasking)
   per_block = steps // blocks
+  bits = cat.check_bits(gumbel_bits)
   mask_id, eos_id, eot_id = denoiser.mask_id, denoiser.eos_id, denoiser.eot_id
 
   def init(rng: Array, given: Array, fixed: Array, am: Array | None) -> engine.State:
@@ -115,7 +118,7 @@ def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_leng
       logits = logits.at[..., eos_id].set(-jnp.inf)
     rng, noise_rng, rand_rng = jax.random.split(state.rng, 3)
     if temperature > 0:  # Gumbel-max on logits / temperature, 64-bit uniforms
-      x0 = jnp.argmax(logits / temperature + cat.gumbel(noise_rng, logits.shape), axis=-1)
+      x0 = jnp.argmax(logits / temperature + cat.gumbel(noise_rng, logits.shape, bits), axis=-1)
     else:
       x0 = jnp.argmax(logits, axis=-1)
     if confidence_eos_eot_inf:

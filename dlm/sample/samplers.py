@@ -22,6 +22,7 @@ KNOBS = {
     "gen_length": engine.Knob(64, "tokens generated after a prompt (generate)"),
     "temperature": engine.Knob(1.0, "softmax temperature of p(x0 | x_t); 0 = argmax"),
     "top_p": engine.Knob(1.0, "nucleus mass of p(x0 | x_t), in (0, 1]"),
+    "gumbel_bits": engine.Knob(64, cat.BITS_DOC),
 }
 
 
@@ -38,7 +39,8 @@ def x0_log_probs(process: Any, logits: Array, x_t: Array, temperature: float,
 
 @engine.register("ancestral", knobs=KNOBS, pads=False, infill=True)
 def ancestral(denoiser: engine.Denoiser, process: Any, *, steps: int, gen_length: int = 64,
-              temperature: float = 1.0, top_p: float = 1.0) -> engine.Sampler:
+              temperature: float = 1.0, top_p: float = 1.0,
+              gumbel_bits: int = 64) -> engine.Sampler:
   """Ancestral sampling x_s ~ p(x_s | x_t) on t = 1, 1-1/T, ..., 0 (MDLM eq. 7 / D3PM eq. 4).
 
   For absorbing processes the last step draws every still-masked position from
@@ -53,6 +55,7 @@ def ancestral(denoiser: engine.Denoiser, process: Any, *, steps: int, gen_length
   del gen_length  # sizes the template in engine.generate
   absorbing = hasattr(process, "x0_logits")
   cache = not denoiser.uses_t
+  bits = cat.check_bits(gumbel_bits)
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
 
@@ -88,7 +91,7 @@ def ancestral(denoiser: engine.Denoiser, process: Any, *, steps: int, gen_length
     if absorbing:
       log_probs = jnp.where(i + 1 >= steps, logp_x0, log_probs)
     rng, draw_rng = jax.random.split(state.rng)
-    x = cat.categorical(draw_rng, log_probs)
+    x = cat.categorical(draw_rng, log_probs, bits)
     x = jnp.where(state.fixed, state.given, x)
     committed = jnp.where(x != state.x, state.nfe + calls - 1, state.committed_at)
     return state.replace(x=x, rng=rng, nfe=state.nfe + calls, committed_at=committed, aux=aux)
