@@ -368,7 +368,7 @@ def cmd_eval() -> None:
   if f.samples is not None or f.frontier:
     print(json.dumps(_eval_samples()))
     return
-  for name in ("evaluator", "sampler", "knob", "output"):
+  for name in ("evaluator", "sampler", "knob", "output", "retokenize", "seed", "batch_size"):
     if f[name].present:
       raise _usage(f"--{name} applies to --samples=N (sample quality) and --frontier")
   result = run_eval.evaluate_workdir(f.hf or _workdir(), max_rows=f.max_rows,
@@ -383,6 +383,9 @@ def _eval_samples() -> dict:
   from dlm.models import loader
   from dlm.sample import engine
   f = flags.FLAGS
+  for name in ("samples", "batch_size"):
+    if f[name].value is not None and f[name].value < 1:
+      raise _usage(f"--{name}={f[name].value} must be >= 1")
   path = f.hf or _workdir()
   outputs = [f.output] if f.output else []
   if f.frontier:
@@ -439,8 +442,8 @@ def cmd_harness() -> None:
   try:
     from dlm.eval import harness
   except ImportError as e:
-    raise _usage(f"dlm harness needs lm-evaluation-harness ({e.name} is missing): pip install"
-                 " -e '.[eval]'") from None
+    raise _usage(f"dlm harness needs lm-evaluation-harness ({e.name or e} is missing): pip"
+                 " install -e '.[eval]'") from None
   result = harness.evaluate(f.model_args, f.tasks, include_path=f.include_path,
                             num_fewshot=f.num_fewshot, limit=f.limit, log_samples=f.log_samples,
                             trust_config_code=f.trust_config_code)

@@ -159,3 +159,16 @@ def test_bad_model_args_and_tasks_are_one_line(smoke_base, tasks):
     harness.evaluate(dict(ARGS, pretrained=str(smoke_base)), ["nope"], include_path=str(tasks))
   with pytest.raises(UserError, match="is not key=value"):
     harness.parse_model_args("pretrained")
+
+
+def test_is_greedy_is_true_for_the_models_own_greedy_answer(smoke_base):
+  """LLaDA's suffix_greedy_prediction: the answer the model decodes one most-confident token
+  per step is greedy; changing one of its tokens is not."""
+  from dlm.eval import harness
+  lm = harness.DLMEvalHarness(pretrained=str(smoke_base), **ARGS)
+  prompt = lm.model.tokenizer.encode("def f(x):\n    return")
+  n = 3
+  dec = lm.model.generate(np.asarray([prompt]), sampler="llada", steps=n, gen_length=n,
+                          block_length=n, temperature=0.0).sequences[0, len(prompt):].tolist()
+  assert lm._is_greedy(prompt, dec) is True
+  assert lm._is_greedy(prompt, dec[:-1] + [(dec[-1] + 1) % 500]) is False

@@ -125,50 +125,52 @@ class DLMEvalHarness(LM):
     whole, ctx = self._encode(context + continuation), self._encode(context)
     cont = whole[len(ctx):]
     ctx = self._prefix(ctx)
-    keep = max(self.max_length - len(cont), 0)
+    keep = max(self.max_length - len(cont), 1 if self.causal else 0)
     return (ctx[len(ctx) - keep:] if keep else []), cont
 
   # -------------------------------------------------------------- requests --
   def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False
                     ) -> list[tuple[float, bool]]:
     pairs = [self.encode_pair(*r.args) for r in requests]
-    return self._score(pairs, greedy=self.is_check_greedy, progress=not disable_tqdm)
+    out = self._score(pairs, greedy=self.is_check_greedy, progress=not disable_tqdm)
+    for r, o in zip(requests, out):
+      self.cache_hook.add_partial("loglikelihood", r.args, o)
+    return out
 
   def _score(self, pairs: list[tuple[list[int], list[int]]], *, greedy: bool,
              progress: bool) -> list[tuple[float, bool]]:
     if not pairs:
       return []
     for i, (_, cont) in enumerate(pairs):
-      if len(cont) > self.max_length:
+      if len(cont) > self.max_length - (1 if self.causal else 0):
         raise UserError(f"request {i}: its continuation is {len(cont)} tokens, longer than the"
                         f" context of {self.max_length}; shorten the task's answers")
     res = self.model.log_likelihood([p for p, _ in pairs], [a for _, a in pairs],
                                     num_samples=self.mc_num, batch_size=self.batch_size,
                                     seed=self.seed, cfg_scale=self.cfg, progress=progress)
     flags = [self._is_greedy(p, a) if greedy else False for p, a in pairs]
-    out = [(float(v), bool(g)) for v, g in zip(res.log_likelihood, flags)]
-    for (p, a), o in zip(pairs, out):
-      self.cache_hook.add_partial("loglikelihood", (p, a), o)
-    return out
+    return [(float(v), bool(g)) for v, g in zip(res.log_likelihood, flags)]
 
   def _is_greedy(self, prompt: list[int], answer: list[int]) -> bool:
     m = self.model
-    if self.causal:
-      import jax.numpy as jnp
-      x = jnp.asarray([prompt + answer], jnp.int32)
-      logits, _ = m.apply(m.params, x, None)
-      best = np.asarray(logits[0].argmax(-1))[len(prompt):len(prompt) + len(answer)]
+    if self.causal:  # greedy decoding is the argmax at every answer position
+      logits = m.logits(np.asarray([prompt + answer], np.int32))  # jitted once per length
+      best = logits[0, len(prompt) - 1:len(prompt) + len(answer) - 1].argmax(-1)
       return bool(np.array_equal(best, answer))
-    n = len(answer)
-    if m.model_cfg.mask_kind == "bd3":
+    n, bucket = len(answer), self.prompt_bucket
+    if m.model_cfg.mask_kind == "bd3":  # whole blocks, greedy; the first n tokens compared
       from dlm.sample import engine
       name = engine.default_sampler(m)
       make = engine.resolve(name)
-      knobs = {make.length: n, **({"temperature": 0.0} if "temperature" in make.knobs else {})}
+      bs = int(m.model_cfg.block_size)
+      knobs = {make.length: -(-n // bs) * bs,
+               **({"temperature": 0.0} if "temperature" in make.knobs else {})}
+      bucket = 0  # the model's own block bucketing
     else:
       name, knobs = "llada", {"steps": n, "gen_length": n, "block_length": n, "temperature": 0.0,
                               "remasking": "low_confidence", "cfg_scale": self.cfg}
-    out = m.generate(np.asarray([prompt], np.int32), sampler=name, seed=self.seed, **knobs)
+    out = m.generate(np.asarray([prompt], np.int32), sampler=name, seed=self.seed,
+                     prompt_bucket=bucket, **knobs)
     return bool(np.array_equal(out.sequences[0, len(prompt):len(prompt) + n], answer))
 
   def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False
@@ -200,11 +202,11 @@ class DLMEvalHarness(LM):
           "max_gen_toks"):
         knobs[self.length_knob] = int(gen_kwargs["max_gen_toks"])
       gen = int(knobs.get(self.length_knob, 0) or 0)
-      if gen > self.max_length:
+      if gen >= self.max_length:
         raise UserError(f"{self.length_knob}={gen} is longer than the context of"
                         f" {self.max_length}; lower it in --model_args")
       ids = self._prefix(self._encode(context))
-      ids = ids[max(len(ids) - (self.max_length - gen), 0):] or ids[-1:]
+      ids = ids[max(len(ids) - (self.max_length - gen), 0):]
       res = self.model.generate(np.asarray([ids], np.int32), sampler=self.sampler,
                                 seed=self.seed, prompt_bucket=self.prompt_bucket, **knobs)
       text = self.tok.decode(res.token_ids[0])

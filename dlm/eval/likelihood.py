@@ -62,6 +62,9 @@ def _pairs(prompt_ids: Any, answer_ids: Any) -> tuple[list[list[int]], list[list
     answer_ids = answer_ids.tolist()
   if flat(prompt_ids) and flat(answer_ids):
     return [list(map(int, prompt_ids))], [list(map(int, answer_ids))], True
+  if flat(prompt_ids) != flat(answer_ids):
+    raise UserError("prompt_ids and answer_ids must both be token lists (one pair) or both"
+                    " lists of token lists (one per pair)")
   if len(prompt_ids) != len(answer_ids):
     raise UserError(f"{len(prompt_ids)} prompts but {len(answer_ids)} answers: give one answer"
                     " per prompt")
@@ -212,7 +215,7 @@ def row_nll(apply: Any, process: Any, method: str, cfg_scale: float, mask_id: in
 
 
 def _program(model: Any, method: str, cfg_scale: float) -> Any:
-  key = ("log_likelihood", method, float(cfg_scale))
+  key = ("log_likelihood", method, float(cfg_scale), model.ids.get("mask"))
   cache = model.__dict__.setdefault("_jitted", {})
   if key not in cache:
     from dlm.sample import engine  # the model's process, made once (engine._process)
@@ -262,7 +265,8 @@ def log_likelihood(model: Any, prompt_ids: Any, answer_ids: Any, *, num_samples:
     shards = int(np.prod([model.mesh.shape[x] for x in axes if x is not None]))
     if batch_size % shards:
       rows_sh = NamedSharding(model.mesh, P())
-    put = lambda a: jax.device_put(a, rows_sh)  # noqa: E731
+    t_sh = NamedSharding(model.mesh, P(rows_sh.spec[0]))
+    put = lambda a: jax.device_put(a, rows_sh if a.ndim == 2 else t_sh)  # noqa: E731
   from tqdm import tqdm
   bar = tqdm(total=m * len(prompts), desc="log-likelihood", unit="row", disable=not progress,
              dynamic_ncols=True)

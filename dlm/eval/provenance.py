@@ -61,7 +61,7 @@ def record(model: Any, *, sampler: str | None = None, knobs: dict[str, Any] | No
   info, precision = model_record(model, path)
   if sampler is not None:
     precision["sampling_noise"] = GUMBEL_NOISE if not (knobs or {}).get("gumbel_bits") or int(
-        knobs["gumbel_bits"]) == 64 else "gumbel from a float32 uniform (tail ~16.6)"
+        knobs["gumbel_bits"]) == 64 else "gumbel from a float32 uniform (tail ~15.9)"
   out = {"model": info, "sampler": sampler, "knobs": knobs, "seed": seed, "precision": precision,
          "code": code_version(), "backend": jax.default_backend(),
          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

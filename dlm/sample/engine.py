@@ -267,9 +267,12 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
     am = np.asarray(attention_mask, np.int32)
     if am.shape != given.shape:
       raise UserError(f"attention_mask shape {am.shape} != the sequences' {given.shape}")
-    if np.all(am):
-      am = None  # no padding: no mask (it would cost a select in every attention layer)
-    elif not make.pads:
+    mesh = getattr(model, "mesh", None)
+    if np.all(am) and not (make.pads and mesh is not None and parallel.spans_processes(mesh)):
+      # no padding: no mask (it would cost a select in every attention layer); on several
+      # hosts every process must compile the same program, so a given mask is kept
+      am = None
+    elif not np.all(am) and not make.pads:
       raise UserError(f"sampler {name!r} takes prompts of one length (no padding); use"
                       " sampler='llada' or 'dream', or one prompt at a time")
   mesh = getattr(model, "mesh", None)
