@@ -83,18 +83,19 @@ def write(points: list[dict[str, Any]], jsonl: pathlib.Path, png: pathlib.Path,
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
   xs, ys = [p["tokens_per_s"] for p in points], [p["gen_ppl"] for p in points]
   ax.scatter(xs, ys, c=["tab:blue" if p["pareto"] else "tab:gray" for p in points], zorder=3)
-  for p in points:
-    label = ", ".join(f"{k}={v}" for k, v in p["sweep"].items())
-    ax.annotate(f"{label}\nnfe {p['nfe']:.0f}", (p["tokens_per_s"], p["gen_ppl"]), fontsize=7,
-                xytext=(4, 4), textcoords="offset points")
+  for i, p in enumerate(points):  # labels alternate above and below their point
+    label = " ".join(f"{v}" for v in p["sweep"].values())
+    ax.annotate(f"{label} (nfe {p['nfe']:.0f})", (p["tokens_per_s"], p["gen_ppl"]), fontsize=7,
+                xytext=(5, 6 if i % 2 == 0 else -11), textcoords="offset points")
   front = sorted((p for p in points if p["pareto"]), key=lambda p: p["tokens_per_s"])
   ax.plot([p["tokens_per_s"] for p in front], [p["gen_ppl"] for p in front], "-",
           color="tab:blue", alpha=0.6, label="Pareto frontier")
   ax.set_xscale("log")
+  ax.set_yscale("log")
   ax.margins(x=0.2, y=0.12)
   ax.set_xlabel("tokens / s (sampling, compile excluded)")
   ax.set_ylabel("gen-ppl under the evaluator (lower is better)")
-  ax.set_title(title, fontsize=9)
+  ax.set_title(f"{title}\nlabels: {', '.join(points[0]['sweep'])}", fontsize=8)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
