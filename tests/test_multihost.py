@@ -1,4 +1,7 @@
-"""Real multi-process JAX on 127.0.0.1: 2 processes x 4 CPU devices == 1 process x 8 devices."""
+"""Real multi-process JAX on 127.0.0.1: 2 processes x 4 CPU devices == 1 process x 8 devices
+(diffu-GRPO on the one training loop: process 0 trains the tokenizer while the other waits,
+each process reads its slice of every global batch, one checkpoint and one log are written);
+peer death, SIGTERM and the hang watchdog."""
 
 from __future__ import annotations
 
@@ -52,27 +55,6 @@ def _wait_for_lines(workdir: pathlib.Path, procs: list[subprocess.Popen], n: int
     time.sleep(0.2)
 
 
-def test_two_processes_match_one(tmp_path):
-  one, two = tmp_path / "one", tmp_path / "two"
-  args = ["--config.train.steps=5", "--config.train.checkpoint_every=5"]
-  subprocess.run(TRAIN + [f"--workdir={one}"] + args, env=_env(8), cwd=ROOT, check=True,
-                 capture_output=True, timeout=300)
-  env = _env(1, DLM_LOCAL_DEVICES="4")
-  del env["XLA_FLAGS"]  # local.sh sets the per-process device count
-  proc = subprocess.run([str(ROOT / "launch" / "local.sh"), "2", "--"] + TRAIN
-                        + [f"--workdir={two}"] + args, env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "[1] step 5: val" not in proc.stdout + proc.stderr  # only process 0 reports
-  a, b = load_run(one), load_run(two)
-  assert a.step == b.step == 5
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)
-  # one checkpoint, one metrics log, written once
-  steps = [l for l in (two / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-  assert len(steps) == 5
-
-
 def test_grpo_two_processes_match_one_on_an_8_device_mesh(tmp_path):
   """diffu-GRPO sharded like training: rollouts through the engine on a data x fsdp x tensor
   mesh, each process sampling and scoring its own prompts; 2 x 4 devices == 1 x 8 (buffers,
@@ -82,30 +64,31 @@ def test_grpo_two_processes_match_one_on_an_8_device_mesh(tmp_path):
   from dlm.train import grpo  # noqa: PLC0415
   one, two = tmp_path / "one", tmp_path / "two"
   cmd = [sys.executable, "-m", "dlm.main", "train", f"--config={ROOT}/configs/grpo.py:smoke",
-         "--config.train.steps=4", "--config.train.checkpoint_every=4",
-         "--config.train.eval_every=4", "--config.train.log_every=1",
-         "--config.data.grpo.max_prompts=40", "--config.data.grpo.max_val_prompts=5",
+         "--config.train.steps=2", "--config.train.checkpoint_every=2",
+         "--config.train.eval_every=2", "--config.train.log_every=1",
+         "--config.data.grpo.max_prompts=40", "--config.data.grpo.max_val_prompts=3",
          "--config.grpo.rewards=length", "--config.mesh.data=2", "--config.mesh.fsdp=2",
          "--config.mesh.tensor=2"]  # num_iterations 2, beta > 0: old and reference log-probs
   subprocess.run(cmd + [f"--workdir={one}"], env=_env(8), cwd=ROOT, check=True,
                  capture_output=True, timeout=300)
-  two.mkdir()  # the same tokenizer, not trained again
-  (two / "tokenizer.model").write_bytes((one / "tokenizer.model").read_bytes())
   env = _env(1, DLM_LOCAL_DEVICES="4")
   del env["XLA_FLAGS"]
   proc = subprocess.run([str(ROOT / "launch" / "local.sh"), "2", "--"] + cmd
                         + [f"--workdir={two}"], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  bufs = [grpo._unpack(json.loads((d / "checkpoints/4/data/metadata").read_text())["buffer"])
+  assert "[1] step 2: val" not in proc.stdout + proc.stderr  # only process 0 reports
+  assert (one / "tokenizer.model").read_bytes() == (two / "tokenizer.model").read_bytes()
+  bufs = [grpo._unpack(json.loads((d / "checkpoints/2/data/metadata").read_text())["buffer"])
           for d in (one, two)]
   assert bufs[0]["old_logp"].shape == (2, 8, 48)
   for k in bufs[0]:
     np.testing.assert_allclose(bufs[0][k], bufs[1][k], atol=1e-5, err_msg=k)
   logs = [[json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
           for d in (one, two)]
+  assert [sum('"loss"' in json.dumps(x) for x in log) for log in logs] == [2, 2]  # written once
   rewards = [[x["reward"] for x in log if "reward" in x] for log in logs]
-  assert len(rewards[0]) == 2 and 0 < rewards[0][0] < 1  # a rollout per 2 steps, not constant
+  assert len(rewards[0]) == 1 and 0 < rewards[0][0] < 1  # one rollout serves both steps
   np.testing.assert_allclose(rewards[0], rewards[1], rtol=1e-6)
   val = [[x["val_reward"] for x in log if "val_reward" in x] for log in logs]
   np.testing.assert_allclose(val[0], val[1], rtol=1e-6)
