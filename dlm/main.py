@@ -205,7 +205,14 @@ def _sample_knobs(make, name: str, run, temperature: float, top_p: float) -> dic
     knobs["temperature"] = temperature  # config.sample's, for template samplers (ancestral)
   if "top_p" in takes and "top_p" not in knobs and make.infill:
     knobs["top_p"] = top_p
-  for item in f.knob or []:
+  knobs.update(_knob_flags(f.knob, name, takes))
+  return knobs
+
+
+def _knob_flags(items: list[str] | None, name: str, takes: dict) -> dict:
+  """--knob=NAME=VALUE flags of sampler ``name`` (knob table ``takes``) as a dict."""
+  knobs = {}
+  for item in items or []:
     key, sep, value = item.partition("=")
     if not sep or key not in takes:
       raise _usage(f"--knob={item!r}: sampler {name!r} takes {', '.join(takes)}"
@@ -397,13 +404,7 @@ def _eval_samples() -> dict:
   model = loader.load(path, trust_config_code=f.trust_config_code)
   name = f.sampler or engine.default_sampler(model)
   make = engine.resolve(name)
-  knobs = {}
-  for item in f.knob or []:
-    key, sep, value = item.partition("=")
-    if not sep or key not in make.knobs:
-      raise _usage(f"--knob={item!r}: sampler {name!r} takes {', '.join(make.knobs)}"
-                   " (as --knob=NAME=VALUE)")
-    knobs[key] = _knob_value(value)
+  knobs = _knob_flags(f.knob, name, make.knobs)
   evaluator = None
   if f.frontier:
     from dlm.eval import frontier
