@@ -204,7 +204,7 @@ def row_nll(apply: Any, process: Any, method: str, cfg_scale: float, mask_id: in
                       segment_ids=twice(2 - real))
     logits = logits[:, :length]
   else:
-    logits, _ = apply(params, x_in, t if t is not None else None, attention_mask=real)
+    logits, _ = apply(params, x_in, t, attention_mask=real)
     if cfg_scale:
       un, _ = apply(params, jnp.where(is_prompt > 0, mask_id, x_in), t, attention_mask=real)
       logits = un + (cfg_scale + 1.0) * (logits - un)
@@ -215,17 +215,13 @@ def row_nll(apply: Any, process: Any, method: str, cfg_scale: float, mask_id: in
 
 
 def _program(model: Any, method: str, cfg_scale: float) -> Any:
-  key = ("log_likelihood", method, float(cfg_scale), model.ids.get("mask"))
-  cache = model.__dict__.setdefault("_jitted", {})
-  if key not in cache:
-    from dlm.sample import engine  # the model's process, made once (engine._process)
-    fn = functools.partial(row_nll, model.apply, engine._process(model), method,
-                           float(cfg_scale), int(model.ids.get("mask") or 0))
-    if model.mesh is not None:
-      from dlm import parallel
-      fn = parallel.traced_in_mesh(fn, model.mesh, model.rules)
-    cache[key] = jax.jit(fn)
-  return cache[key]
+  """The jitted ``row_nll`` of this model, kept on it (``DiffusionLM.jitted``)."""
+  from dlm.sample import engine  # the model's process, made once (engine._process)
+  mask_id = int(model.ids.get("mask") or 0)
+  build = lambda: functools.partial(row_nll, model.apply, engine._process(model), method,  # noqa: E731
+                                    float(cfg_scale), mask_id)
+  return model.jitted("log_likelihood", {"method": method, "cfg_scale": float(cfg_scale),
+                                         "mask_id": mask_id}, build)
 
 
 def log_likelihood(model: Any, prompt_ids: Any, answer_ids: Any, *, num_samples: int = 128,
@@ -261,9 +257,7 @@ def log_likelihood(model: Any, prompt_ids: Any, answer_ids: Any, *, num_samples:
   if model.mesh is not None:  # rows over the model's batch axes where they divide
     from dlm.sample import engine
     rows_sh = engine.row_sharding(model)
-    axes = rows_sh.spec[0] if isinstance(rows_sh.spec[0], tuple) else (rows_sh.spec[0],)
-    shards = int(np.prod([model.mesh.shape[x] for x in axes if x is not None]))
-    if batch_size % shards:
+    if batch_size % engine.row_axes(rows_sh)[1]:
       rows_sh = NamedSharding(model.mesh, P())
     t_sh = NamedSharding(model.mesh, P(rows_sh.spec[0]))
     put = lambda a: jax.device_put(a, rows_sh if a.ndim == 2 else t_sh)  # noqa: E731

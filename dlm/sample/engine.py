@@ -262,21 +262,20 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
   fixed = np.asarray(fixed, bool)
   if given.ndim == 1:
     given, fixed = given[None], fixed[None]
+  mesh = getattr(model, "mesh", None)
+  multi = mesh is not None and parallel.spans_processes(mesh)
   am = None
   if attention_mask is not None:
     am = np.asarray(attention_mask, np.int32)
     if am.shape != given.shape:
       raise UserError(f"attention_mask shape {am.shape} != the sequences' {given.shape}")
-    mesh = getattr(model, "mesh", None)
-    if np.all(am) and not (make.pads and mesh is not None and parallel.spans_processes(mesh)):
+    if np.all(am) and not (make.pads and multi):
       # no padding: no mask (it would cost a select in every attention layer); on several
       # hosts every process must compile the same program, so a given mask is kept
       am = None
     elif not np.all(am) and not make.pads:
       raise UserError(f"sampler {name!r} takes prompts of one length (no padding); use"
                       " sampler='llada' or 'dream', or one prompt at a time")
-  mesh = getattr(model, "mesh", None)
-  multi = mesh is not None and parallel.spans_processes(mesh)
   fn = program(model, name, make, full, batch=given.shape[0] * (jax.process_count() if multi
                                                                   else 1), padded=am is not None)
   key = jax.random.key(seed) if rng is None else rng
@@ -329,8 +328,7 @@ def program(model: Any, name: str, make: Callable[..., Sampler], full: dict[str,
   if mesh is not None:  # prompts over `batch`'s axes, parameters as placed (fsdp, tensor)
     from jax.sharding import NamedSharding, PartitionSpec as P
     row, one = row_sharding(model), NamedSharding(mesh, P())
-    axes = row.spec[0] if isinstance(row.spec[0], tuple) else (row.spec[0],)
-    shards = int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+    axes, shards = row_axes(row)
     if batch % shards:
       raise UserError(f"a batch of {batch} rows does not divide over the mesh's"
                       f" {'x'.join(f'{a}={mesh.shape[a]}' for a in axes if a)}; give a multiple"
@@ -349,6 +347,13 @@ def row_sharding(model: Any) -> Any:
   if getattr(model, "rules", None) is None:
     return NamedSharding(model.mesh, P("data", None))
   return parallel.batch_sharding(model.mesh, model.rules)
+
+
+def row_axes(row: Any) -> tuple[tuple[str, ...], int]:
+  """(mesh axes, shard count) of a row sharding's first dimension."""
+  spec = row.spec[0] if isinstance(row.spec[0], tuple) else (row.spec[0],)
+  axes = tuple(a for a in spec if a is not None)
+  return axes, int(np.prod([row.mesh.shape[a] for a in axes]))
 
 
 def _generated(seqs: np.ndarray, fixed: np.ndarray, eos_id: int | None) -> list[list[int]]:
