@@ -30,6 +30,16 @@ def uniform_64bit(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jnp.minimum(v, jnp.float32(1.0 - 2.0 ** -24))
 
 
+def uniform_32bit(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """u ~ U[0, 1) on float32's grid k 2^-23 (``jax.random.uniform``'s values), from the top 23
+  of the same 64 bits as ``uniform_64bit``, mirrored: u = 1 - ceil(v 2^23) 2^-23 ~ 1 - v, so
+  -log(-log u) is the 64-bit draw ``gumbel_from_uniform(v)`` rounded onto float32's grid.
+  Both precisions thus share one draw per seed and differ only where the rounding bites
+  (common random numbers: a seeded 32- vs 64-bit comparison measures the truncation alone)."""
+  hi = jax.random.bits(key, shape + (2,), jnp.uint32)[..., 0]
+  return ((2 ** 23 - 1) - (hi >> 9)).astype(jnp.float32) * jnp.float32(2.0 ** -23)
+
+
 def gumbel_from_uniform(v: jax.Array) -> jax.Array:
   """G = -log(E) with E = -log(1 - v) ~ Exp(1); log1p keeps small E (the far tail) exact."""
   return -jnp.log(-jnp.log1p(-v))
@@ -51,7 +61,7 @@ def gumbel(key: jax.Array, shape: tuple[int, ...], bits: int = 64) -> jax.Array:
   -log(-log(u)) with u ~ U[0, 1) in float32: its tail stops at -log(-log(1 - 2^-23)) ~ 15.9
   (Zheng et al. 2024, sec. 4), kept to measure what that truncation costs."""
   if bits == 32:
-    return -jnp.log(-jnp.log(jax.random.uniform(key, shape, jnp.float32)))
+    return -jnp.log(-jnp.log(uniform_32bit(key, shape)))
   return gumbel_from_uniform(uniform_64bit(key, shape))
 
 
