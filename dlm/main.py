@@ -1,5 +1,5 @@
-"""The ``dlm`` command: ``dlm train | sample | eval | harness | plot | convert | export | tokenizer |
-compile``."""
+"""The ``dlm`` command: ``dlm train | sample | eval | harness | serve | plot | convert | export |
+tokenizer | compile``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "harness", "plot", "convert", "export", "tokenizer",
-            "compile")
+COMMANDS = ("train", "sample", "eval", "harness", "serve", "plot", "convert", "export",
+            "tokenizer", "compile")
 USAGE = f"usage: dlm {{{'|'.join(COMMANDS)}}} [--flags]; `dlm CMD --helpfull` lists a command's flags"
 
 
@@ -142,6 +142,28 @@ def _define_harness_flags() -> None:
   flags.DEFINE_float("limit", None, "Documents per task (or a fraction < 1).")
   flags.DEFINE_bool("log_samples", False, "Keep every request's inputs and outputs in --output.")
   flags.DEFINE_string("output", None, "Write the results (and provenance) to this new FILE.json.")
+
+
+def _define_serve_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A trained or converted workdir to serve.")
+  flags.DEFINE_string("hf", None, "Serve a Hugging Face LLaDA/Dream folder directly.")
+  flags.DEFINE_string("host", "127.0.0.1", "Address to bind (127.0.0.1: this machine only).")
+  flags.DEFINE_integer("port", 8000, "Port to listen on.")
+  flags.DEFINE_string("served_model_name", None, "The model id clients send (default: the"
+                      " folder's name).")
+  flags.DEFINE_string("sampler", None, "Requests' default sampler (default: the model's own,"
+                      " config.sample.sampler); a request picks another with dlm.sampler.")
+  flags.DEFINE_integer("slots", 8, "Requests one compiled pool runs at once (its batch).")
+  flags.DEFINE_integer("max_queue", 64, "Requests waiting for a slot before 429s.")
+  flags.DEFINE_integer("prompt_bucket", 32, "Smallest prompt canvas; prompts are left-padded to"
+                       " bucket x 2^k tokens (samplers that take padding).")
+  flags.DEFINE_integer("gen_bucket", 16, "Smallest generation canvas; max_tokens runs as"
+                       " bucket x 2^k tokens (whole blocks) and is cut.")
+  flags.DEFINE_float("request_timeout", 600.0, "Seconds from arrival before a request fails"
+                     " with 408 (a request may ask for less: dlm.timeout).")
+  flags.DEFINE_integer("max_pools", 4, "Compiled pools kept (sampler x knobs x prompt width);"
+                       " an idle one is dropped for a new one.")
+  flags.DEFINE_bool("warm", True, "Compile the default sampler's pools before listening.")
 
 
 def _define_plot_flags() -> None:
@@ -456,6 +478,21 @@ def cmd_harness() -> None:
   print(json.dumps({"results": result["results"], "dlm": result["dlm"]}))
 
 
+def cmd_serve() -> None:
+  from dlm.models import loader
+  from dlm.serve import serve
+  f = flags.FLAGS
+  path = f.hf or _workdir()
+  model = loader.load(path, trust_config_code=f.trust_config_code)
+  if _MESH_OVERRIDES:  # --config.mesh.*: slots over data, parameters over fsdp / tensor
+    model = loader.shard(model, _MESH_OVERRIDES)
+  serve(model, host=f.host, port=f.port,
+        model_name=f.served_model_name or pathlib.Path(path).resolve().name, slots=f.slots,
+        max_queue=f.max_queue, prompt_bucket=f.prompt_bucket, gen_bucket=f.gen_bucket,
+        request_timeout=f.request_timeout, max_pools=f.max_pools, warm=f.warm,
+        sampler=f.sampler)
+
+
 def cmd_plot() -> None:
   from dlm.train import plot
   print(plot.plot_curves(_workdir(), out=flags.FLAGS.out))
@@ -530,6 +567,7 @@ _COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "sample": (lambda: (_define_sample_flags(), _define_trust_flag()), cmd_sample),
     "eval": (lambda: (_define_eval_flags(), _define_trust_flag()), cmd_eval),
     "harness": (lambda: (_define_harness_flags(), _define_trust_flag()), cmd_harness),
+    "serve": (lambda: (_define_serve_flags(), _define_trust_flag()), cmd_serve),
     "plot": (_define_plot_flags, cmd_plot),
     "convert": (_define_convert_flags, cmd_convert),
     "export": (lambda: (_define_export_flags(), _define_trust_flag()), cmd_export),
@@ -594,7 +632,7 @@ def _mesh_overrides(cmd: str, args: list[str]) -> list[str]:
   _MESH_OVERRIDES.clear()
   rest = []
   for arg in args:
-    if cmd != "sample" or not arg.startswith("--config."):
+    if cmd not in ("sample", "serve") or not arg.startswith("--config."):
       rest.append(arg)
       continue
     key, _, value = arg[len("--config."):].partition("=")

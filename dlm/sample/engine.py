@@ -151,6 +151,12 @@ def _builtins() -> None:
   from dlm.sample import ar, bd3, dream, fast_dllm, llada, samplers  # noqa: F401  (register)
 
 
+def names() -> list[str]:
+  """The registered samplers' names (built-ins included)."""
+  _builtins()
+  return SAMPLERS.names()
+
+
 def resolve(name: str) -> Callable[..., Sampler]:
   """The factory of a registered name or a ``module:function``; one line if it is not a sampler."""
   _builtins()
@@ -339,6 +345,86 @@ def program(model: Any, name: str, make: Callable[..., Sampler], full: dict[str,
   return model.jitted(name, key, build, **jit_kw)
 
 
+def slot_programs(model: Any, name: str, make: Callable[..., Sampler], full: dict[str, Any], *,
+                  slots: int, width: int, padded: bool) -> tuple[Any, Any, Any]:
+  """Continuous batching on the one contract: ``slots`` independent copies of a sampler, each
+  its own batch-of-one ``State`` (``jax.vmap`` over a leading slot axis), so a slot can start a
+  new request while the others are mid-way, at any step, block-wise samplers included.
+
+  Returns jitted ``(empty, admit, advance)``:
+
+  * ``empty(params, given [S, W], fixed, am) -> states``: every slot initialised (blank);
+  * ``admit(params, states, j, key, given [W], fixed, am) -> states``: slot ``j`` restarted on
+    a new template with its own key (the state ``run`` would start from on that one row);
+  * ``advance(params, states, active [S]) -> (states, x [S, W], committed_at, done, nfe)``:
+    one ``step`` of every active slot that is not ``done`` (the others are left as they are).
+
+  A slot's tokens equal ``run`` on its row alone with the same key: the same init, the same
+  steps.  ``am`` is the attention mask of left-padded rows (``padded``), else ignored.  On a
+  mesh the slots lie over the sampling rules' batch axes and the parameters as placed.
+  """
+  prepare, apply = model.sampling
+  process = _process(model)
+  ids = _ids(model)
+
+  def sampler(params: Any) -> Sampler:
+    return make(denoiser_of_apply(apply, params, **ids), process, **full)
+
+  def init_one(smp: Sampler, key: Array, g: Array, f: Array, a: Array) -> State:
+    return smp.init(key, g[None], f[None], a[None] if padded else None)
+
+  def build_empty() -> Callable[..., State]:
+    def empty(params: Any, g: Array, f: Array, a: Array) -> State:
+      smp = sampler(prepare(params))
+      keys = jax.random.split(jax.random.key(0), g.shape[0])
+      return jax.vmap(functools.partial(init_one, smp))(keys, g, f, a)
+    return empty
+
+  def build_admit() -> Callable[..., State]:
+    def admit(params: Any, states: State, j: Array, key: Array, g: Array, f: Array,
+              a: Array) -> State:
+      one = init_one(sampler(prepare(params)), key, g, f, a)
+      return jax.tree.map(lambda all_, x: jax.lax.dynamic_update_index_in_dim(all_, x, j, 0),
+                          states, one)
+    return admit
+
+  def build_advance() -> Callable[..., Any]:
+    def advance(params: Any, states: State, active: Array):
+      smp = sampler(prepare(params))
+
+      def one(s: State, go: Array) -> State:
+        return jax.lax.cond(go & ~smp.done(s), smp.step, lambda s: s, s)
+
+      states = jax.vmap(one)(states, active)
+      return (states, states.x[:, 0], states.committed_at[:, 0], jax.vmap(smp.done)(states),
+              states.nfe)
+    return advance
+
+  key = dict(full, _ids=tuple(sorted(ids.items())), _slots=(slots, width, padded))
+  made = []
+  for part, build in (("empty", build_empty), ("admit", build_admit),
+                      ("advance", build_advance)):
+    made.append(model.jitted(f"{name}/slots/{part}", key, build, **_slot_shardings(model, part)))
+  return tuple(made)
+
+
+def _slot_shardings(model: Any, part: str) -> dict[str, Any]:
+  """in/out shardings of a slot program on the model's mesh (none without a mesh): the slot
+  axis of every state leaf over the rows' axes, the parameters as placed."""
+  mesh = getattr(model, "mesh", None)
+  if mesh is None:
+    return {}
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  rows = NamedSharding(mesh, P(row_sharding(model).spec[0]))  # leading (slot) axis only
+  one = NamedSharding(mesh, P())
+  if part == "empty":
+    return dict(in_shardings=(model.param_shardings, rows, rows, rows), out_shardings=rows)
+  if part == "admit":
+    return dict(in_shardings=(model.param_shardings, rows, one, one, one, one, one),
+                out_shardings=rows)
+  return dict(in_shardings=(model.param_shardings, rows, rows), out_shardings=rows)
+
+
 def row_sharding(model: Any) -> Any:
   """How a sampled batch's rows lie on the model's mesh: its rules' ``batch`` axes (a loaded
   model's sampling rules put them over ``data``; a training run's, e.g. GRPO rollouts, over
@@ -366,6 +452,14 @@ def _generated(seqs: np.ndarray, fixed: np.ndarray, eos_id: int | None) -> list[
       gen = gen[:gen.index(eos_id)]
     out.append(gen)
   return out
+
+
+def pad_id(model: Any) -> int:
+  """What left-pads bucketed prompts (masked out of attention): pad, else EOS, else the mask."""
+  for key in ("pad", "eos", "mask"):
+    if model.ids.get(key) is not None:
+      return int(model.ids[key])
+  return 0
 
 
 def blank_id(model: Any) -> int:
@@ -441,10 +535,8 @@ def generate(model: Any, prompt_ids: Any, attention_mask: Any = None, *,
     if not make.pads:
       raise UserError(f"sampler {name!r} takes prompts of one length (no padding), so it cannot"
                       " bucket them: pass prompt_bucket=0")
-    pad = model.ids.get("pad")
-    pad = model.ids.get("eos") if pad is None else pad
     prompt, attention_mask, cut = bucket_prompts(prompt, attention_mask, int(prompt_bucket),
-                                                 int(model.ids["mask"] if pad is None else pad))
+                                                 pad_id(model))
   given, fixed, am = prompt_template(prompt, attention_mask, int(gen), blank_id(model))
   out = sample(model, given, fixed, am, sampler=name, seed=seed, **knobs)
   if cut:
