@@ -110,6 +110,8 @@ def main() -> None:
     seq = [one(body(i)) for i in range(a.sequential)]
     seq_s = time.perf_counter() - t0
     seq_rps = a.sequential / seq_s
+    if any(c != 200 for c, _, _ in seq):
+      sys.exit(f"a sequential request failed: HTTP {[c for c, _, _ in seq if c != 200][0]}")
     print(f"sequential: {a.sequential} requests in {seq_s:.2f} s ({seq_rps:.2f} req/s)",
           file=sys.stderr)
 

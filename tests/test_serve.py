@@ -3,7 +3,6 @@ here, streamed == not streamed == model.generate, continuous batching, faults on
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import pathlib
@@ -193,3 +192,27 @@ def test_load_benchmark_bounded(server):
   assert got["overload"]["rejected_429"] > 0 and got["overload"]["other_errors"] == 0
   assert got["throughput_ratio"] > 1.0  # 4 slots at once vs one request at a time
   assert got["latency_s"]["p50"] <= got["latency_s"]["p99"]
+
+
+def test_an_operator_sampler_from_a_test_local_file_through_python(model, monkeypatch):
+  """dlm.serve.build from Python with the operator's module:function sampler (trusted, like the
+  CLI's --sampler); requests still cannot name one."""
+  from fastapi.testclient import TestClient
+
+  from dlm import serve
+  monkeypatch.syspath_prepend(str(ROOT / "tests" / "plugins"))
+  app, scheduler = serve.build(model, model_name="m", sampler="greedy_schedule:make", slots=2,
+                               warm=False)
+  try:
+    with TestClient(app) as c:
+      body = {"prompt": "def f(", "max_tokens": 8, "seed": 0, "dlm": {"t0": 0.0, "t1": 0.0}}
+      r = c.post("/v1/completions", json=body)
+      assert r.status_code == 200, r.text
+      ids = model.tokenizer.encode("def f(")
+      want = model.generate(np.asarray([ids]), sampler="greedy_schedule:make", seed=0,
+                            prompt_bucket=32, gen_length=16, steps=8, t0=0.0, t1=0.0)
+      assert r.json()["dlm"]["token_ids"] == want.token_ids[0][:8]
+      r = c.post("/v1/completions", json=dict(body, dlm={"sampler": "greedy_schedule:make"}))
+      assert r.status_code == 400 and "cannot import code" in r.json()["error"]["message"]
+  finally:
+    scheduler.stop()

@@ -5,30 +5,19 @@ prompt sampler (llada sharded over a 2x2x2 mesh: slots over data, weights over f
 from __future__ import annotations
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
+from test_sharded_sample import MASK, _model as sharded_model
 
-from dlm.models import loader, transformer
+from dlm.models import loader
 from dlm.sample import engine
 
-MASK, EOS = 60, 61
 WIDTH, SLOTS = 8, 4
 
 
 def _model(shift: bool, mesh: dict | None = None) -> loader.DiffusionLM:
-  cfg = transformer.ModelConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=8,
-                                num_kv_heads=8, mlp_dim=128, shift_logits=shift)
-  graphdef, state = nnx.split(transformer.init_model(cfg, 0))
-  params = nnx.to_pure_dict(state)
-  params["head"] = params["head"] * 40.0  # confident, well-separated logits: no near ties
-  config = ml_collections.ConfigDict({"process": {"name": "masked",
-                                                  "schedule": {"name": "linear", "eps": 1e-4}}})
-  m = loader.DiffusionLM(config=config, model_cfg=cfg, params=params,
-                         ids={"mask": MASK, "eos": EOS, "pad": EOS, "bos": None},
-                         tokenizer=None, apply=transformer.apply_fn(graphdef),
-                         decode_layout=False)
+  """test_sharded_sample's confident tiny model, placed on ``mesh``."""
+  m = sharded_model(shift)
   return loader.shard(m, mesh) if mesh else m
 
 

@@ -33,7 +33,7 @@ def build(model: Any, *, model_name: str, slots: int = 8, max_queue: int = 64,
   template = chat.for_model(model.config, model.tokenizer) or chat.plain
   render = lambda messages: chat.render(template, messages, True, model.tokenizer)  # noqa: E731
   if warm:
-    for width, secs in scheduler.warm(protocol.DEFAULT_MAX_TOKENS):
+    for width, secs in scheduler.warm(protocol.DEFAULT_MAX_TOKENS, widths=max_pools):
       print(f"dlm serve: compiled the {width}-token prompt pool in {secs:.1f} s", file=sys.stderr)
   scheduler.start()
   return app_lib.create_app(scheduler, model_name=model_name, render=render,

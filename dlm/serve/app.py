@@ -46,8 +46,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, render: Any, metrics: A
     if not scheduler.thread.is_alive():
       return error(503, "the scheduler thread is not running; restart the server", "server_error")
     return JSONResponse({"status": "ok", "waiting": len(scheduler.waiting),
-                         "slots_busy": sum(j is not None for p in list(scheduler.pools.values())
-                                           for j in p.jobs)})
+                         "slots_busy": scheduler.busy})
 
   @app.get("/metrics")
   async def prometheus() -> Response:
@@ -93,7 +92,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, render: Any, metrics: A
     job = Job(id=rid, prompt_ids=ids, sampler=name, knobs=full, max_tokens=parsed.max_tokens,
               seed=parsed.seed if parsed.seed is not None else scheduler.new_seed(),
               stop=parsed.stop, stream=parsed.stream, stream_steps=parsed.stream_steps,
-              deadline=time.monotonic() + (parsed.timeout or scheduler.timeout),
+              deadline=time.monotonic() + min(parsed.timeout or scheduler.timeout,
+                                              scheduler.timeout),
               emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
     try:
       scheduler.submit(job)

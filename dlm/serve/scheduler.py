@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -120,6 +121,7 @@ class Scheduler:
     self.stopping = False
     self.params = model.sampling_params()
     self.steps_run = 0
+    self.busy = 0  # slots running a request (updated by the scheduler thread)
 
   # ------------------------------------------------------------------ requests --
 
@@ -134,6 +136,9 @@ class Scheduler:
       raise BadRequest(f"sampler {name!r} fills templates; use one that continues a prompt")
     try:
       engine.check_model_kind(name, make, self.model.model_cfg.mask_kind == "causal")
+      for k, v in knobs.items():
+        if k in make.knobs:
+          _check_type(name, k, v, make.knobs[k].default)
       given = dict(knobs)
       if make.length in given:
         raise BadRequest(f"give the length as max_tokens, not dlm.{make.length}")
@@ -159,17 +164,18 @@ class Scheduler:
       raise BadRequest(f"sampler {name!r}: {e}") from None
     ids = self.tok.encode(prompt) or [
         self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id]
-    width = self._width(len(ids), make)
-    if self.context and width + gen > self.context:
-      raise BadRequest(f"the prompt is {len(ids)} tokens and max_tokens {max_tokens} (run as"
-                       f" {gen}) with a {width}-token prompt canvas: more than the model's context"
-                       f" of {self.context}; shorten the prompt or lower max_tokens")
+    if self.context and len(ids) + gen > self.context:
+      raise BadRequest(f"the prompt is {len(ids)} tokens and max_tokens {max_tokens} runs as"
+                       f" {gen}: more than the model's context of {self.context}; shorten the"
+                       " prompt or lower max_tokens")
     return name, full, ids
 
-  def _width(self, n: int, make: Any) -> int:
+  def width(self, n: int, make: Any, gen: int) -> int:
+    """The prompt canvas of an n-token prompt: bucket x 2^k, within the context."""
     if not make.pads:
       return n
-    return power_bucket(n, self.prompt_bucket)
+    w = power_bucket(n, self.prompt_bucket)
+    return min(w, max(n, self.context - gen)) if self.context else w
 
   def submit(self, job: Job) -> None:
     """Queues ``job``; ``BadRequest`` (429) when the queue is full."""
@@ -198,39 +204,54 @@ class Scheduler:
     self.thread.join(timeout=30)
 
   def warm(self, max_tokens: int, widths: int = 0) -> list[tuple[int, int]]:
-    """Compiles the default sampler's pools for prompt widths bucket, 2x bucket, ... (all that
-    fit the context, or the first ``widths``) at ``max_tokens``: (width, seconds) each."""
+    """Compiles the default sampler's pools at ``max_tokens`` for every prompt canvas a request
+    can get (bucket, 2x bucket, ... within the context; the first ``widths`` if > 0):
+    (width, seconds) each.  Samplers without padding warm a 1-token prompt's pool only."""
     name, full, _ = self.plan("", sampler=None, knobs={}, max_tokens=max_tokens)
     make = engine.resolve(name)
-    gen = full[make.length]
-    out = []
-    width = self.prompt_bucket if make.pads else 1
-    while (not self.context or width + gen <= self.context) and (not widths or len(out) < widths):
+    gen = int(full[make.length])
+    room = self.context - gen if self.context else 1 << 30
+    out: list[tuple[int, int]] = []
+    n = 1
+    while n <= room and (not widths or len(out) < widths):
+      width = self.width(n, make, gen)
       t0 = time.perf_counter()
       pool = self._pool(name, make, full, width)
       jax.block_until_ready(pool.programs[2](self.params, pool.states, pool.active)[1])
       out.append((width, time.perf_counter() - t0))
       if not make.pads:
         break
-      width *= 2
+      n = width + 1
     return out
 
   def _loop(self) -> None:
-    while True:
-      with self.cond:
-        if self.stopping:
-          return
-        busy = [p for p in self.pools.values() if any(j is not None for j in p.jobs)]
-        if not busy and not self.waiting:
-          self.cond.wait(timeout=0.5)
-          continue
-      self._expire_waiting()
-      self._admit()
-      for pool in [p for p in self.pools.values() if any(j is not None for j in p.jobs)]:
-        self._tick(pool)
-      with self.cond:  # nothing could start (every slot busy elsewhere): do not spin
-        if not any(any(j is not None for j in p.jobs) for p in self.pools.values()):
-          self.cond.wait(timeout=0.01)
+    while not self.stopping:
+      try:
+        self._once()
+      except Exception as e:  # noqa: BLE001  never expected; the loop must outlive it
+        print(f"dlm serve: scheduler error, its requests failed: {_line(e)}", file=sys.stderr)
+        for pool in list(self.pools.values()):
+          for i, job in enumerate(pool.jobs):
+            if job is not None:
+              pool.jobs[i] = None
+              self._fail(job, 500, f"the scheduler failed: {_line(e)}", "error")
+        self.pools.clear()
+
+  def _once(self) -> None:
+    with self.cond:
+      if self.stopping:
+        return
+      busy = [p for p in self.pools.values() if any(j is not None for j in p.jobs)]
+      if not busy and not self.waiting:
+        self.cond.wait(timeout=0.5)
+        return
+    self._expire_waiting()
+    self._admit()
+    for pool in [p for p in self.pools.values() if any(j is not None for j in p.jobs)]:
+      self._tick(pool)
+    with self.cond:  # nothing could start (every slot busy elsewhere): do not spin
+      if not any(any(j is not None for j in p.jobs) for p in self.pools.values()):
+        self.cond.wait(timeout=0.01)
 
   def _expire_waiting(self) -> None:
     now = time.monotonic()
@@ -275,7 +296,7 @@ class Scheduler:
 
   def _pool_for(self, job: Job) -> Pool | None:
     make = engine.resolve(job.sampler)
-    width = self._width(len(job.prompt_ids), make)
+    width = self.width(len(job.prompt_ids), make, int(job.knobs[make.length]))
     key = (job.sampler, repr(sorted(job.knobs.items())), width)
     pool = self.pools.get(key)
     if pool is not None:
@@ -375,14 +396,14 @@ class Scheduler:
     text, stopped = cut_at_stop(self.tok.decode(final), job.stop)
     complete = done or eos or stopped or k == len(gen)
     if job.stream_steps and not complete:
-      job.emit({"type": "canvas", "step": nfe, "text": self._canvas(gen),
+      _send(job, {"type": "canvas", "step": nfe, "text": self._canvas(gen),
                 "token_ids": [int(t) if s else -1 for t, s in zip(gen, set_)]})
     if complete:
       self._free(pool, i, None)
       reason = "stop" if eos or stopped else "length"
       if not text.startswith(job.sent):  # never expected: a decode that is not prefix-stable
         text = job.sent + text[len(job.sent):]
-      job.emit({"type": "done", "text": text, "finish_reason": reason, "nfe": nfe,
+      _send(job, {"type": "done", "text": text, "finish_reason": reason, "nfe": nfe,
                 "completion_tokens": len(self.tok.encode(text)) if stopped else len(final),
                 "prompt_tokens": len(job.prompt_ids), "seed": job.seed,
                 "token_ids": final})
@@ -391,7 +412,7 @@ class Scheduler:
     if job.stream:
       ready = text[:len(text) - held_back(text, job.stop)]
       if len(ready) > len(job.sent) and ready.startswith(job.sent):
-        job.emit({"type": "delta", "text": ready[len(job.sent):]})
+        _send(job, {"type": "delta", "text": ready[len(job.sent):]})
         job.sent = ready
 
   def _canvas(self, gen: np.ndarray) -> str:
@@ -416,7 +437,7 @@ class Scheduler:
     self._gauge()
 
   def _fail(self, job: Job, status: int, message: str, outcome: str) -> None:
-    job.emit({"type": "error", "status": status, "message": message})
+    _send(job, {"type": "error", "status": status, "message": message})
     self._count(outcome)
 
   def _count(self, outcome: str, tokens: int = 0, latency: float | None = None) -> None:
@@ -429,13 +450,40 @@ class Scheduler:
       self.metrics.latency.observe(latency)
 
   def _gauge(self) -> None:
+    self.busy = sum(j is not None for p in list(self.pools.values()) for j in p.jobs)
     if self.metrics is None:
       return
     self.metrics.waiting.set(len(self.waiting))
-    self.metrics.busy.set(sum(j is not None for p in self.pools.values() for j in p.jobs))
+    self.metrics.busy.set(self.busy)
 
   def new_seed(self) -> int:
     return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def _check_type(sampler: str, knob: str, value: Any, default: Any) -> None:
+  """A request's knob value has its default's type (JSON: numbers, strings, true/false)."""
+  if isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  elif isinstance(default, str):
+    ok = isinstance(value, str)
+  else:  # None defaults: a number, a string or null
+    ok = value is None or (isinstance(value, (int, float, str)) and not isinstance(value, bool))
+  if not ok:
+    kind = type(default).__name__ if default is not None else "number or string"
+    raise BadRequest(f"dlm.{knob}={value!r}: sampler {sampler!r} takes a {kind} (default"
+                     f" {default!r})")
+
+
+def _send(job: Job, event: dict[str, Any]) -> None:
+  """``job.emit(event)``; a client whose event loop is gone is cancelled, not an error here."""
+  try:
+    job.emit(event)
+  except Exception:  # noqa: BLE001  e.g. RuntimeError: the event loop is closed
+    job.cancelled.set()
 
 
 def _line(e: BaseException) -> str:
