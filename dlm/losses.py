@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm.processes import common
-from dlm.processes.base import Process
+from dlm.processes.base import Process, check_takes
 from dlm.registry import Registry
 
 Array = jnp.ndarray
@@ -43,6 +43,23 @@ LOSSES: Registry[LossFn] = Registry("loss")
 def get_loss(name: str) -> LossFn:
   """Registered name ("nelbo", "discrete_nelbo") or "module:function"."""
   return LOSSES.get(name)
+
+
+def takes(*kinds: str) -> Callable[[LossFn], LossFn]:
+  """Declares the process kinds a loss takes (``dlm.processes.base.KINDS``); a loss without
+  the declaration (a user's ``module:function``) is given any process."""
+  def deco(fn: LossFn) -> LossFn:
+    fn.kinds = tuple(kinds)  # type: ignore[attr-defined]
+    return fn
+  return deco
+
+
+def check_process(name: str, process: Process, fn: LossFn | None = None) -> None:
+  """One line naming both when loss ``name`` cannot take ``process`` (checked before training)."""
+  if fn is None and name in LOSSES.names():
+    fn = LOSSES.get(name)
+  check_takes("loss", name, getattr(fn, "kinds", None), process,
+              "pick a loss that takes it (nelbo takes every discrete kind)")
 
 
 def _cfg_get(config: Any, key: str, default: Any) -> Any:
@@ -82,6 +99,7 @@ def _logits(model: Callable[..., Array], params: Any, x_t: Array,
 
 
 @LOSSES.register("nelbo")
+@takes("absorbing", "uniform", "general", "identity")
 def nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
                model: Callable[..., Array], process: Process,
                config: Any) -> tuple[Array, Metrics]:
@@ -97,6 +115,7 @@ def nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
 
 
 @LOSSES.register("discrete_nelbo")
+@takes("absorbing", "uniform", "general")
 def discrete_nelbo_loss(params: Any, batch: dict[str, Array],
                         rng: chex.PRNGKey, *, model: Callable[..., Array],
                         process: Process,
@@ -125,6 +144,7 @@ def discrete_nelbo_loss(params: Any, batch: dict[str, Array],
 
 
 @LOSSES.register("nelbo_count")
+@takes("absorbing")
 def count_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
                      model: Callable[..., Array], process: Process,
                      config: Any) -> tuple[Array, Metrics]:
@@ -138,8 +158,7 @@ def count_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   stratified over the batch.  Only for absorbing (masked) processes; a
   time-conditioned denoiser is given t = n / L.
   """
-  if not hasattr(process, "masked_nll"):
-    raise ValueError("loss 'nelbo_count' needs an absorbing (masked) process; use 'nelbo'")
+  check_process("nelbo_count", process, count_nelbo_loss)
   x0, loss_mask = _tokens_and_mask(batch)
   b = x0.shape[0]
   rng_n, rng_pos = jax.random.split(rng)
@@ -190,6 +209,7 @@ def bd3_block_nelbo(model: Callable[..., Any], params: Any, process: Process, x0
 
 
 @LOSSES.register("bd3_nelbo")
+@takes("absorbing")
 def bd3_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
                    model: Callable[..., Any], process: Process,
                    config: Any) -> tuple[Array, Metrics]:
@@ -243,6 +263,7 @@ def completion_logp(model: Callable[..., Any], params: Any, batch: dict[str, Arr
 
 
 @LOSSES.register("grpo")
+@takes("absorbing")
 def grpo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
               model: Callable[..., Any], process: Process,
               config: Any) -> tuple[Array, Metrics]:

@@ -78,12 +78,13 @@ def method_of(model: Any) -> str:
     return "exact"
   if kind == "bd3":
     return "block"
-  name = model.config.get("process", {}).get("name", "masked") if hasattr(
-      model.config, "get") else "masked"
-  if name != "masked":
+  from dlm.processes import base
+  from dlm.sample import engine
+  process = engine._process(model)
+  if base.describe(process)[0] != "absorbing":
     raise UserError(f"log_likelihood estimates masked (absorbing) diffusion, block diffusion and"
-                    f" autoregressive models; this model's process is {name!r}: use `dlm eval`"
-                    " (its NELBO)")
+                    f" autoregressive models; this model's process is"
+                    f" {type(process).__name__!r}: use `dlm eval` (its NELBO)")
   return "monte_carlo"
 
 

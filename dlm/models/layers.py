@@ -294,10 +294,11 @@ def with_lora(module: nnx.Module, name: str, x: Array, y: Array, contract: int =
 
 
 def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
-  """Sinusoidal embedding of t in [0, 1] (scaled by 1000), as in DiT/MDLM.  [B] -> [B, dim]."""
+  """Sinusoidal embedding of t in [0, 1] (scaled by 1000), as in DiT/MDLM.  [B] -> [B, dim]
+  (per-position times [B, L] -> [B, L, dim])."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = (1000.0 * t.astype(jnp.float32))[:, None] * freqs[None]
+  args = (1000.0 * t.astype(jnp.float32))[..., None] * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -325,8 +326,11 @@ class AdaLNZero(nnx.Module):
     self.b = param(rngs, jax.nn.initializers.zeros, (n * d_model,), ("embed",))
 
   def __call__(self, c: Array) -> tuple[Array, ...]:
-    out = jax.nn.silu(c) @ self.w[...] + self.b[...]  # [B, n*D]
-    return tuple(a[:, None, :] for a in jnp.split(out, self.n, axis=-1))  # each [B, 1, D]
+    """c [B, C] (one time per row) -> each [B, 1, D]; c [B, L, C] (per position) -> [B, L, D]."""
+    out = jax.nn.silu(c) @ self.w[...] + self.b[...]  # [B, (L,) n*D]
+    if out.ndim == 2:
+      out = out[:, None, :]
+    return tuple(jnp.split(out, self.n, axis=-1))
 
 
 def modulate(x: Array, shift: Array, scale: Array) -> Array:

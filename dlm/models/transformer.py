@@ -231,7 +231,8 @@ class Transformer(nnx.Module):
     if self.time_embed is not None:
       if t is None:
         raise ValueError("this model is time-conditioned (model.time_conditioning=True): pass t")
-      c = self.time_embed(jnp.broadcast_to(t, (b,)))
+      t = jnp.asarray(t)
+      c = self.time_embed(t if t.ndim == 2 else jnp.broadcast_to(t, (b,)))  # per position or row
 
     def body(block: Block, h: Array) -> Array:
       return block(h, positions, mask, c)[0]

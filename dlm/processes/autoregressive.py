@@ -12,6 +12,7 @@ no reverse step: AR models generate with the ``ar`` sampler (dlm/sample/ar.py).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import chex
 import jax
@@ -28,6 +29,9 @@ Array = jnp.ndarray
 @dataclasses.dataclass(frozen=True)
 class AutoregressiveProcess:
   """Next-token prediction: x_t = x_0; nelbo = sum_{l >= 1} -log p(x_l | x_<l) per sequence."""
+
+  kind: ClassVar[str] = "identity"
+  parameterization: ClassVar[str] = "x0"
 
   vocab_size: int
   mask_id: int | None = None  # AR models have no mask token; unused

@@ -2,28 +2,38 @@
 
 A process is a frozen dataclass built as `cls(vocab_size=..., mask_id=...,
 schedule=..., **extra_fields)`; every method is pure and jit-able. Shapes:
-tokens int32 [B, L], times float32 [B], logits float32 [B, L, V] with
-V = vocab_size.
+tokens int32 [B, L], times float32 [B] (one per row) or [B, L] (one per position),
+logits float32 [B, L, V] with V = vocab_size.
+
+Every process declares what it is, as class attributes (never probed from its methods):
+``kind`` (how x_t is corrupted: absorbing, uniform, general, gaussian, or identity for the
+autoregressive x_t = x_0) and ``parameterization`` (what the denoiser predicts: x0, score or
+noise).  Losses and samplers say which kinds they take; a mismatch is one line naming both.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 import chex
 import jax.numpy as jnp
 
+from dlm.errors import UserError
 from dlm.processes.schedules import Schedule
 from dlm.registry import Registry
 
 Array = jnp.ndarray
 
 PROCESSES: Registry[type] = Registry("process")
+KINDS = ("absorbing", "uniform", "general", "gaussian", "identity")
+PARAMETERIZATIONS = ("x0", "score", "noise")
 
 
 class Process(Protocol):
   """What losses and samplers rely on (see MaskedProcess for the semantics)."""
 
+  kind: ClassVar[str]  # one of KINDS
+  parameterization: ClassVar[str]  # one of PARAMETERIZATIONS
   vocab_size: int
   mask_id: int
   schedule: Schedule
@@ -54,3 +64,28 @@ class Process(Protocol):
 
   def exact_posterior(self, x0: Array, x_t: Array, t: Array, s: Array) -> Array:
     ...
+
+
+def describe(process: Any) -> tuple[str, str]:
+  """(kind, parameterization) a process declares; one line if it declares none or others."""
+  name = type(process).__name__
+  for attr, allowed in (("kind", KINDS), ("parameterization", PARAMETERIZATIONS)):
+    value = getattr(type(process), attr, None)
+    if value is None:
+      raise UserError(f"process {name!r} declares no `{attr}`: give its class"
+                      f" `{attr}: ClassVar[str] = ...`, one of {', '.join(allowed)}")
+    if value not in allowed:
+      raise UserError(f"process {name!r}: {attr} {value!r} is not one of {', '.join(allowed)}")
+  return type(process).kind, type(process).parameterization
+
+
+def check_takes(what: str, name: str, kinds: tuple[str, ...] | None, process: Any,
+                fix: str = "") -> None:
+  """One line unless ``process``'s kind is among ``kinds`` (None: any process)."""
+  if kinds is None:
+    return
+  kind, param = describe(process)
+  if kind not in kinds:
+    raise UserError(f"{what} {name!r} cannot take process {type(process).__name__!r} (kind"
+                    f" {kind}, {param}-parameterized): it takes {' or '.join(kinds)} processes"
+                    + (f"; {fix}" if fix else ""))

@@ -76,7 +76,8 @@ def keep_clean(x_t: Array, x0: Array, loss_mask: Array | None) -> Array:
 
 
 def bcast_time(x: Array, ndim: int) -> Array:
-  """[B] -> [B, 1, ..., 1] with `ndim` dims total, for broadcasting over positions."""
+  """[B] -> [B, 1, ..., 1] (or [B, L] -> [B, L, 1, ...]) with `ndim` dims total, for
+  broadcasting per-row or per-position times over positions and the vocabulary."""
   return jnp.reshape(x, x.shape + (1,) * (ndim - x.ndim))
 
 
@@ -94,10 +95,11 @@ def loss_mask_or_ones(loss_mask: Array | None, x0: Array) -> Array:
 
 
 def check_tokens_and_times(x: Array, t: Array) -> None:
-  """Asserts x int [B, L] and t float [B]."""
-  chex.assert_rank([x, t], [2, 1])
+  """Asserts x int [B, L] and t float [B] (one time per row) or [B, L] (one per position)."""
+  chex.assert_rank(x, 2)
+  chex.assert_rank(t, {1, 2})
   chex.assert_type([x, t], [int, float])
-  chex.assert_equal_shape_prefix([x, t], 1)
+  chex.assert_equal_shape_prefix([x, t], t.ndim)
 
 
 def check_logits(logits: Array, x: Array, vocab_size: int) -> None:

@@ -12,6 +12,7 @@ never predicts mask_id and copies every unmasked token of x_t.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import chex
 import jax
@@ -32,6 +33,9 @@ class MaskedProcess:
   vocab_size INCLUDES the mask token; data tokens are all ids except mask_id.
   Logits are [B, L, vocab_size]; the mask column is ignored (SUBS).
   """
+
+  kind: ClassVar[str] = "absorbing"
+  parameterization: ClassVar[str] = "x0"
 
   vocab_size: int
   mask_id: int
@@ -91,9 +95,9 @@ class MaskedProcess:
       sum_l masked_l * (dalpha_t / (1 - alpha_t)) * log p(x0_l | x_t)  (>= 0)
     """
     self._check(logits, x0, x_t, t)
-    alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha(t)  # [B]
-    weight = common.safe_div(-dalpha, 1.0 - alpha)  # [B], >= 0
-    return weight * self._masked_nll(logits, x0, x_t, loss_mask)
+    alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha(t)  # [B] or [B, L]
+    weight = common.safe_div(-dalpha, 1.0 - alpha)  # >= 0
+    return self._masked_nll(logits, x0, x_t, loss_mask, weight)
 
   def discrete_nelbo(self, logits: Array, x0: Array, x_t: Array, t: Array,
                      s: Array, loss_mask: Array | None = None) -> Array:
@@ -103,9 +107,9 @@ class MaskedProcess:
     """
     self._check(logits, x0, x_t, t)
     chex.assert_equal_shape([t, s])
-    alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)  # [B]
-    weight = common.safe_div(alpha_s - alpha_t, 1.0 - alpha_t)  # [B]
-    return weight * self._masked_nll(logits, x0, x_t, loss_mask)
+    alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)  # [B] or [B, L]
+    weight = common.safe_div(alpha_s - alpha_t, 1.0 - alpha_t)
+    return self._masked_nll(logits, x0, x_t, loss_mask, weight)
 
   # --- reverse process -------------------------------------------------------
 
@@ -148,11 +152,14 @@ class MaskedProcess:
   def _mask_onehot(self) -> Array:
     return jax.nn.one_hot(self.mask_id, self.vocab_size, dtype=jnp.float32)  # [V]
 
-  def _masked_nll(self, logits: Array, x0: Array, x_t: Array,
-                  loss_mask: Array | None) -> Array:
-    """sum over counted masked positions of -log p(x0_l | x_t): [B]."""
+  def _masked_nll(self, logits: Array, x0: Array, x_t: Array, loss_mask: Array | None,
+                  weight: Array) -> Array:
+    """sum over counted masked positions of weight * -log p(x0_l | x_t): [B]; ``weight`` per
+    row [B] or per position [B, L]."""
     counted = self._is_masked(x_t) & (common.loss_mask_or_ones(loss_mask, x0) > 0)
-    return jnp.sum(jnp.where(counted, self.masked_nll(logits, x0), 0.0), axis=-1)
+    if weight.ndim == 1:  # one time per row: the weight comes out of the sum
+      return weight * jnp.sum(jnp.where(counted, self.masked_nll(logits, x0), 0.0), axis=-1)
+    return jnp.sum(jnp.where(counted, weight * self.masked_nll(logits, x0), 0.0), axis=-1)
 
   def masked_nll(self, logits: Array, x0: Array) -> Array:
     """-log p(x0_l | x_t) [B, L] where x_t is masked: the SUBS log-probability of

@@ -15,6 +15,7 @@ distributions are the forward-process formulas with onehot(x_0) -> x_hat.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import math
 
 import chex
@@ -60,6 +61,9 @@ class UniformProcess:
   Noise is uniform over all vocab_size ids, mask_id included (it is just a
   token the data never contains). Logits are [B, L, vocab_size].
   """
+
+  kind: ClassVar[str] = "uniform"
+  parameterization: ClassVar[str] = "x0"
 
   vocab_size: int
   mask_id: int
@@ -124,8 +128,10 @@ class UniformProcess:
     log_g_x = common.gather_last(log_g, x_t)[..., None]
     per_pos = jnp.sum(generalized_kl(log_g - log_g_x, log_f - log_f_x), -1)  # [B, L]
     counted = common.loss_mask_or_ones(loss_mask, x0) > 0
-    beta = common.safe_div(-dalpha, alpha)  # [B]; integrand is 0 where alpha = 0
-    return beta / self.vocab_size * jnp.sum(jnp.where(counted, per_pos, 0.0), -1)
+    beta = common.safe_div(-dalpha, alpha)  # [B] or [B, L]; integrand is 0 where alpha = 0
+    if beta.ndim == 1:  # one time per row
+      return beta / self.vocab_size * jnp.sum(jnp.where(counted, per_pos, 0.0), -1)
+    return jnp.sum(jnp.where(counted, beta / self.vocab_size * per_pos, 0.0), -1)
 
   def discrete_nelbo(self, logits: Array, x0: Array, x_t: Array, t: Array,
                      s: Array, loss_mask: Array | None = None) -> Array:

@@ -63,7 +63,7 @@ def next_token(logits: Array, rng: Array, *, greedy: bool, temperature: float,
   return cat.categorical(rng, logits, gumbel_bits)
 
 
-@engine.register("ar", knobs=KNOBS, length="max_new_tokens", causal=True)
+@engine.register("ar", knobs=KNOBS, length="max_new_tokens", causal=True, kinds=("identity",))
 def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int,
          do_sample: bool, temperature: float, top_k: int | None, top_p: float,
          eos_token_id: Any, pad_token_id: int | None, use_cache: bool,

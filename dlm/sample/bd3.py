@@ -90,7 +90,7 @@ def _alpha(process: Any):
   return (lambda t: 1.0 - t) if schedule is None else schedule.alpha
 
 
-@engine.register("bd3", knobs=KNOBS)
+@engine.register("bd3", knobs=KNOBS, kinds=("absorbing",))
 def make(denoiser: engine.Denoiser, process: Any = None, *, gen_length: int,
          block_length: int | None, steps: int | None, algorithm: str, first_hitting: bool,
          nucleus_p: float, temperature: float | None, stop_at_eos: bool, use_cache: bool,

@@ -56,7 +56,7 @@ KNOBS = {
 }
 
 
-@engine.register("dream", knobs=KNOBS, length="max_new_tokens")
+@engine.register("dream", knobs=KNOBS, length="max_new_tokens", kinds=("absorbing",))
 def make(denoiser: engine.Denoiser, process: Any = None, *, max_new_tokens: int, steps: int,
          alg: str, alg_temp: float | None, eps: float, temperature: float, top_p: float | None,
          top_k: int | None, gumbel_bits: int = 64) -> engine.Sampler:

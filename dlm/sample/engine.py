@@ -109,24 +109,27 @@ SAMPLERS: Registry[Callable[..., Sampler]] = Registry("sampler")
 
 
 def register(name: str, *, knobs: dict[str, Knob], length: str | None = "gen_length",
-             pads: bool = True, infill: bool = False, causal: bool = False, doc: str = ""
+             pads: bool = True, infill: bool = False, causal: bool = False, doc: str = "",
+             kinds: tuple[str, ...] | None = None
              ) -> Callable[[Callable[..., Sampler]], Callable[..., Sampler]]:
   """Registers a sampler factory with its knobs.
 
   ``length``: the knob that sizes the generation after a prompt (``generate``);
   ``pads``: takes left-padded batches (an attention mask); ``infill``: takes any
   template of fixed positions (``sample``), not only a prompt followed by masks;
-  ``causal``: decodes autoregressive models (causal attention), not diffusion models.
+  ``causal``: decodes autoregressive models (causal attention), not diffusion models;
+  ``kinds``: the process kinds it denoises (``dlm.processes.base.KINDS``; None: any).
   """
   def deco(make: Callable[..., Sampler]) -> Callable[..., Sampler]:
-    declare(make, knobs=knobs, length=length, pads=pads, infill=infill, causal=causal)
+    declare(make, knobs=knobs, length=length, pads=pads, infill=infill, causal=causal,
+            kinds=kinds)
     return SAMPLERS.register(name)(make)
   return deco
 
 
 def declare(make: Callable[..., Sampler], *, knobs: dict[str, Knob],
             length: str | None = "gen_length", pads: bool = True, infill: bool = False,
-            causal: bool = False) -> None:
+            causal: bool = False, kinds: tuple[str, ...] | None = None) -> None:
   """Attaches the knob table to a factory (``register`` without a registry name, for
   ``module:function`` samplers)."""
   make.knobs = dict(knobs)  # type: ignore[attr-defined]
@@ -134,6 +137,16 @@ def declare(make: Callable[..., Sampler], *, knobs: dict[str, Knob],
   make.pads = pads  # type: ignore[attr-defined]
   make.infill = infill  # type: ignore[attr-defined]
   make.causal = causal  # type: ignore[attr-defined]
+  make.kinds = None if kinds is None else tuple(kinds)  # type: ignore[attr-defined]
+
+
+def check_sampler(model: Any, name: str, make: Callable[..., Sampler]) -> None:
+  """One line when sampler ``name`` cannot run on ``model``: an AR model takes only causal
+  samplers, and a sampler takes only the process kinds it declares."""
+  check_model_kind(name, make, model.model_cfg.mask_kind == "causal")
+  from dlm.processes import base
+  base.check_takes("sampler", name, getattr(make, "kinds", None), _process(model),
+                   "use sampler='ancestral' (any x0-parameterized discrete process)")
 
 
 def check_model_kind(name: str, make: Callable[..., Sampler], causal: bool) -> None:
@@ -263,7 +276,7 @@ def sample(model: Any, given: Any, fixed: Any, attention_mask: Any = None, *,
   name = sampler or default_sampler(model)
   make = resolve(name)
   full = check_knobs(name, make, knobs)
-  check_model_kind(name, make, model.model_cfg.mask_kind == "causal")
+  check_sampler(model, name, make)
   given = np.asarray(given, np.int32)
   fixed = np.asarray(fixed, bool)
   if given.ndim == 1:

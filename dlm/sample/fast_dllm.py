@@ -73,7 +73,7 @@ def _commit(x: Array, logits: Array, start: Array, width: int, quota_k: Array,
           jax.lax.dynamic_update_slice_in_dim(committed_at, at, start, axis=1))
 
 
-@engine.register("fast_dllm", knobs=KNOBS)
+@engine.register("fast_dllm", knobs=KNOBS, kinds=("absorbing",))
 def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_length: int,
          block_length: int | None, temperature: float, remasking: str, threshold: float | None,
          use_cache: str, gumbel_bits: int = 64) -> engine.Sampler:

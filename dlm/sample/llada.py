@@ -72,7 +72,7 @@ KNOBS = {
 }
 
 
-@engine.register("llada", knobs=KNOBS)
+@engine.register("llada", knobs=KNOBS, kinds=("absorbing",))
 def make(denoiser: engine.Denoiser, process: Any = None, *, steps: int, gen_length: int,
          block_length: int | None, temperature: float, cfg_scale: float, remasking: str,
          logits_eos_inf: bool, confidence_eos_eot_inf: bool,

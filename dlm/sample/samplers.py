@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dlm.processes import base
 from dlm.sample import categorical as cat
 from dlm.sample import engine
 
@@ -29,7 +30,7 @@ KNOBS = {
 def x0_log_probs(process: Any, logits: Array, x_t: Array, temperature: float,
                  top_p: float) -> Array:
   """log p(x0 | x_t) after temperature and top-p; SUBS carry-over for absorbing processes."""
-  if hasattr(process, "x0_logits"):
+  if base.describe(process)[0] == "absorbing":
     logits = process.x0_logits(logits, x_t)
   if temperature == 0.0:
     best = jnp.argmax(logits, axis=-1)
@@ -37,7 +38,8 @@ def x0_log_probs(process: Any, logits: Array, x_t: Array, temperature: float,
   return jax.nn.log_softmax(cat.adjust_logits(logits, temperature, top_p), axis=-1)
 
 
-@engine.register("ancestral", knobs=KNOBS, pads=False, infill=True)
+@engine.register("ancestral", knobs=KNOBS, pads=False, infill=True,
+                 kinds=("absorbing", "uniform"))
 def ancestral(denoiser: engine.Denoiser, process: Any, *, steps: int, gen_length: int = 64,
               temperature: float = 1.0, top_p: float = 1.0,
               gumbel_bits: int = 64) -> engine.Sampler:
@@ -53,7 +55,7 @@ def ancestral(denoiser: engine.Denoiser, process: Any, *, steps: int, gen_length
   The draws are the same as without the cache; only the calls are saved.
   """
   del gen_length  # sizes the template in engine.generate
-  absorbing = hasattr(process, "x0_logits")
+  absorbing = base.describe(process)[0] == "absorbing"
   cache = not denoiser.uses_t
   bits = cat.check_bits(gumbel_bits)
   if steps < 1:

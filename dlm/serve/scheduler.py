@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from dlm.errors import UserError
+from dlm.processes import base
 from dlm.sample import engine
 from dlm.serve.protocol import BadRequest, cut_at_stop, held_back
 
@@ -107,11 +108,11 @@ class Scheduler:
     self.context = engine.model_context(model)
     self.default_sampler = sampler or engine.default_sampler(model)
     make = engine.resolve(self.default_sampler)  # the operator's own name: module:function too
-    engine.check_model_kind(self.default_sampler, make, model.model_cfg.mask_kind == "causal")
+    engine.check_sampler(model, self.default_sampler, make)
     self.metrics = metrics
     self.mask_id = model.ids.get("mask")
     self.eos_id = self.tok.eos_id
-    absorbing = hasattr(engine._process(model), "x0_logits")
+    absorbing = base.describe(engine._process(model))[0] == "absorbing"
     # tokens are final once set for absorbing (masked) processes and AR decoding
     self.final_once_set = absorbing or model.model_cfg.mask_kind == "causal"
     self.pools: dict[Any, Pool] = {}
@@ -135,7 +136,7 @@ class Scheduler:
     if make.length is None:
       raise BadRequest(f"sampler {name!r} fills templates; use one that continues a prompt")
     try:
-      engine.check_model_kind(name, make, self.model.model_cfg.mask_kind == "causal")
+      engine.check_sampler(self.model, name, make)
       for k, v in knobs.items():
         if k in make.knobs:
           _check_type(name, k, v, make.knobs[k].default)

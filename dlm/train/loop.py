@@ -269,8 +269,9 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: transformer.Mo
                                                             ema=ema_decay > 0)
   frozen, frozen_sh = (state_lib.frozen_shardings(model_cfg, mesh, rules) if model_cfg.lora_rank
                        else (None, None))
-  loss_fn = functools.partial(losses.get_loss(config.loss.name),
-                              model=transformer.apply_fn(graphdef), process=process,
+  loss = losses.get_loss(config.loss.name)
+  losses.check_process(config.loss.name, process, loss)  # one line naming both, before a step
+  loss_fn = functools.partial(loss, model=transformer.apply_fn(graphdef), process=process,
                               config=config.loss)
   step = step_lib.jit_train_step(mesh, rules, shardings, batch_keys=batch_keys, loss_fn=loss_fn,
                                  tx=tx, lr_fn=optim.learning_rate(config.optim, total_steps),
