@@ -25,14 +25,6 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config):
-  """With xdist (-n 2), tests marked ``xdist_group`` run on one worker: a module that starts one
-  server (tests/test_serve.py) starts it once, not once a worker."""
-  if getattr(config.option, "dist", None) == "load":
-    config.option.dist = "loadgroup"
-
-
 @pytest.fixture(scope="session")
 def smoke_base(tmp_path_factory) -> pathlib.Path:
   """A `configs/quickstart.py:smoke` run (CLI), trained once per test worker: the base model

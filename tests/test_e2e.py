@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("e2e")  # its module fixtures train once, on one worker
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = f"{ROOT}/configs/quickstart.py:smoke"
 

@@ -20,8 +20,6 @@ from dlm.errors import UserError
 from dlm.eval import samples
 from dlm.sample import categorical as cat
 
-pytestmark = pytest.mark.xdist_group("sample_quality")  # module fixtures: trained once
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

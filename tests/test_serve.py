@@ -16,8 +16,6 @@ import numpy as np
 import openai
 import pytest
 
-pytestmark = pytest.mark.xdist_group("serve")  # one server (and model) for the whole module
-
 from dlm import api
 from dlm.data import chat
 
