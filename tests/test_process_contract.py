@@ -139,3 +139,68 @@ def test_a_time_conditioned_model_takes_per_position_times():
   mixed, _ = apply(params, x, jnp.asarray([[0.3, 0.3, 0.9, 0.9], [0.8] * 4], jnp.float32))
   assert not np.allclose(mixed[0], per_row[0], atol=1e-4)  # the times reach each position
   np.testing.assert_allclose(mixed[1], per_row[1], rtol=1e-5, atol=1e-5)
+
+
+def _small(**kw):
+  cfg = transformer.ModelConfig(vocab_size=V, d_model=16, num_layers=1, num_heads=2, mlp_dim=32,
+                                **kw)
+  graphdef, state = nnx.split(transformer.init_model(cfg, 0))
+  return cfg, transformer.apply_fn(graphdef), nnx.to_pure_dict(state)
+
+
+def test_continuous_inputs_are_the_embedding_path():
+  """inputs_embeds = embed[x_t] is the token path; any vectors go through the same network."""
+  _, apply, params = _small()
+  x = jnp.asarray([[1, 2, 3, 4]], jnp.int32)
+  by_ids, _ = apply(params, x)
+  by_vectors, _ = apply(params, None, inputs_embeds=params["embed"][x])
+  np.testing.assert_allclose(by_ids, by_vectors, rtol=1e-6, atol=1e-6)
+  noisy = params["embed"][x] + 0.5
+  assert not np.allclose(apply(params, None, inputs_embeds=noisy)[0], by_ids, atol=1e-3)
+
+
+def test_self_conditioning_input():
+  """Zero-initialised: no effect at init; trained weights make the previous estimate count;
+  probabilities [B, L, V] enter as their expected embedding, vectors [B, L, D] as they are."""
+  _, apply, params = _small(self_conditioning=True)
+  x = jnp.asarray([[1, 2, 3, 4]], jnp.int32)
+  probs = jax.nn.softmax(jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, V)),
+                                     jnp.float32), -1)
+  plain, _ = apply(params, x)
+  np.testing.assert_allclose(apply(params, x, self_cond=probs)[0], plain, atol=1e-6)
+  params = dict(params, self_cond=params["self_cond"] + 0.3)
+  with_p, _ = apply(params, x, self_cond=probs)
+  assert not np.allclose(with_p, plain, atol=1e-3)
+  np.testing.assert_allclose(apply(params, x, self_cond=probs @ params["embed"])[0], with_p,
+                             rtol=1e-5, atol=1e-5)
+  _, apply_plain, params_plain = _small()
+  with pytest.raises(UserError, match="self-conditioning was asked of a denoiser without it") as e:
+    apply_plain(params_plain, x, self_cond=probs)
+  assert "\n" not in str(e.value) and "model.self_conditioning=True" in str(e.value)
+
+
+def test_the_engine_runs_continuous_states():
+  """A sampler whose state is vectors [B, L, D] (embedding diffusion) runs in the one loop;
+  clamped positions keep their given vectors."""
+  def make(denoiser, process, *, steps):
+    del denoiser, process
+
+    def init(rng, given, fixed, am):
+      del am
+      return engine.initial_state(rng, given, fixed, jnp.zeros(given.shape, jnp.float32),
+                                  step=jnp.zeros((), jnp.int32))
+
+    def step(s):
+      x = jnp.where(s.fixed[..., None], s.given, s.x + 1.0)
+      return s.replace(x=x, nfe=s.nfe + 1, aux=dict(s.aux, step=s.aux["step"] + 1))
+
+    return engine.Sampler(init, step, lambda s: s.aux["step"] >= steps)
+
+  given = jnp.full((2, 3, 4), 7.0, jnp.float32)
+  fixed = jnp.asarray([[True, False, False], [False, False, True]])
+  final = jax.jit(lambda g, f: engine.run(make(None, None, steps=5), jax.random.key(0), g, f))(
+      given, fixed)
+  assert final.x.dtype == jnp.float32 and final.x.shape == (2, 3, 4) and int(final.nfe) == 5
+  np.testing.assert_array_equal(final.x[fixed], 7.0)
+  np.testing.assert_array_equal(final.x[~fixed], 5.0)
+  assert final.committed_at.shape == (2, 3)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dlm.errors import UserError
 from dlm.models import attention as attention_lib
 from dlm.models import cache as cache_lib
 from dlm.models import layers
@@ -42,6 +43,9 @@ class ModelConfig:
   norm_eps: float = 1e-6
   time_conditioning: bool = False
   cond_dim: int = 128
+  # self-conditioning (Chen et al. 2023, Analog Bits; CDCD, Plaid): the denoiser also takes its
+  # previous x0 estimate (``self_cond``), through a zero-initialised projection
+  self_conditioning: bool = False
   dtype: str = "float32"
   remat: str = "none"
   # MaxText's scan_layers: True runs the layers under one scan (one layer compiled: small,
@@ -166,6 +170,8 @@ class Transformer(nnx.Module):
     self.blocks = (nnx.List([Block(cfg, rngs=rngs, decode=True) for _ in range(cfg.num_layers)])
                    if decode else make_blocks(rngs))
     self.time_embed = layers.TimeEmbed(cfg.cond_dim, rngs=rngs) if cfg.time_conditioning else None
+    self.self_cond = (layers.param(rngs, jax.nn.initializers.zeros, (cfg.d_model, cfg.d_model),
+                                   (None, "embed")) if cfg.self_conditioning else None)
     self.final_ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 2, rngs=rngs)
                       if cfg.time_conditioning else None)
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
@@ -178,9 +184,15 @@ class Transformer(nnx.Module):
   def __call__(self, x_t: Array, t: Array | None = None, *, attention_mask: Array | None = None,
                segment_ids: Array | None = None, positions: Array | None = None,
                cache: cache_lib.KVCache | None = None, cache_start: Array | None = None,
-               fill_cache: bool = False, raw_logits: bool = False, step: Array | None = None
+               fill_cache: bool = False, raw_logits: bool = False, step: Array | None = None,
+               inputs_embeds: Array | None = None, self_cond: Array | None = None
                ) -> tuple[Array, cache_lib.KVCache | None]:
-    """The denoiser contract: x_t int [B, L], t float [B] or None -> (logits f32 [B, L, V], cache).
+    """The denoiser contract: x_t int [B, L] (or ``inputs_embeds`` float [B, L, D], continuous
+    inputs, with x_t None), t float [B], [B, L] or None -> (logits f32 [B, L, V], cache).
+
+    ``self_cond``: the previous x0 estimate, probabilities [B, L, V] (embedded as p @ embed) or
+    vectors [B, L, D], added through the model's zero-initialised self-conditioning
+    projection (``model.self_conditioning``; a model without it refuses).
 
     Logits at position i are the denoiser's prediction of token i; with
     ``shift_logits`` that is the network's output i-1 (position 0 keeps its own),
@@ -196,8 +208,16 @@ class Transformer(nnx.Module):
     window's keys/values written in.  Otherwise the cache returned is None.
     """
     cfg = self.cfg
-    chex.assert_rank(x_t, 2)
-    b, l = x_t.shape
+    if inputs_embeds is not None:
+      chex.assert_rank(inputs_embeds, 3)
+      chex.assert_axis_dimension(inputs_embeds, 2, cfg.d_model)
+      b, l = inputs_embeds.shape[:2]
+    else:
+      chex.assert_rank(x_t, 2)
+      b, l = x_t.shape
+    if self_cond is not None and self.self_cond is None:
+      raise UserError("self-conditioning was asked of a denoiser without it: set"
+                      " model.self_conditioning=True (and train with it), or pass no self_cond")
     if (positions is None and attention_mask is not None and cfg.pad_positions == "cumsum"
         and cache is None):
       real = attention_mask.astype(jnp.int32)
@@ -225,7 +245,17 @@ class Transformer(nnx.Module):
                               or (attention_mask is not None and cfg.pad_positions != "index")):
       raise ValueError("a KV-cached window pass takes no segment_ids, and needs, with an"
                        " attention_mask (all L cached keys'), pad_positions='index'")
-    x = jnp.take(self.embed[...], x_t, axis=0).astype(cfg.compute_dtype)  # [B, L, D]
+    if inputs_embeds is not None:
+      x = inputs_embeds.astype(cfg.compute_dtype)  # continuous inputs (embedding diffusion)
+    else:
+      x = jnp.take(self.embed[...], x_t, axis=0).astype(cfg.compute_dtype)  # [B, L, D]
+    if self_cond is not None:
+      chex.assert_rank(self_cond, 3)
+      prev = self_cond.astype(cfg.compute_dtype)
+      if prev.shape[-1] == cfg.vocab_size:  # probabilities: their expected embedding
+        prev = prev @ self.embed[...].astype(cfg.compute_dtype)
+      chex.assert_axis_dimension(prev, 2, cfg.d_model)
+      x = x + layers.matmul(prev, self.self_cond[...].astype(cfg.compute_dtype))
     x = constrain(x, ("batch", "length", "embed"))
     c = None
     if self.time_embed is not None:

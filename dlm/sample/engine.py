@@ -43,8 +43,8 @@ Array = jax.Array
 @flax.struct.dataclass
 class State:
   """What every sampler carries; a sampler's own fields (KV cache, block index, ...) go in aux."""
-  x: Array  # int32 [B, L]: the current sequence x_t
-  given: Array  # int32 [B, L]: the template's tokens (prompt, infill context)
+  x: Array  # int32 [B, L]: the current sequence x_t (float [B, L, D]: continuous states)
+  given: Array  # int32 [B, L]: the template's tokens (float [B, L, D]: their clamped vectors)
   fixed: Array  # bool [B, L]: positions that never change
   committed_at: Array  # int32 [B, L]: the call (nfe index) that last set each position; -1 given
   nfe: Array  # int32 []: denoiser calls so far
@@ -201,16 +201,24 @@ def check_knobs(name: str, make: Callable[..., Sampler], knobs: dict[str, Any]) 
 def run(sampler: Sampler, rng: Array, given: Array, fixed: Array,
         attention_mask: Array | None = None) -> State:
   """The loop every sampler runs in; call under ``jax.jit`` (knobs are static)."""
-  chex.assert_type(given, jnp.int32)
-  chex.assert_equal_shape([given, fixed])
+  if not jnp.issubdtype(given.dtype, jnp.floating):  # token ids; float: continuous states
+    chex.assert_type(given, jnp.int32)
+  chex.assert_equal_shape_prefix([given, fixed], 2)
   state = sampler.init(rng, given, fixed, attention_mask)
   return jax.lax.while_loop(lambda s: ~sampler.done(s), sampler.step, state)
 
 
 def initial_state(rng: Array, given: Array, fixed: Array, x: Array, **aux: Any) -> State:
-  """A ``State`` at call 0 with ``x`` as the starting sequence (given tokens clamped in)."""
-  return State(x=jnp.where(fixed, given, x).astype(jnp.int32), given=given, fixed=fixed,
-               committed_at=jnp.full(given.shape, -1, jnp.int32), nfe=jnp.zeros((), jnp.int32),
+  """A ``State`` at call 0 with ``x`` as the starting sequence (given tokens clamped in).
+
+  ``x`` int [B, L] is token ids (kept int32); float [B, L, D] is continuous states (embedding
+  diffusion), ``given`` then the clamped positions' vectors [B, L, D]."""
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    x = jnp.where(fixed[..., None] if x.ndim == fixed.ndim + 1 else fixed, given, x)
+  else:
+    x = jnp.where(fixed, given, x).astype(jnp.int32)
+  return State(x=x, given=given, fixed=fixed,
+               committed_at=jnp.full(fixed.shape, -1, jnp.int32), nfe=jnp.zeros((), jnp.int32),
                rng=rng, aux=aux)
 
 
