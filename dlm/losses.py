@@ -45,11 +45,12 @@ def get_loss(name: str) -> LossFn:
   return LOSSES.get(name)
 
 
-def takes(*kinds: str) -> Callable[[LossFn], LossFn]:
-  """Declares the process kinds a loss takes (``dlm.processes.base.KINDS``); a loss without
-  the declaration (a user's ``module:function``) is given any process."""
+def takes(*kinds: str, params: tuple[str, ...] = ("x0",)) -> Callable[[LossFn], LossFn]:
+  """Declares the process kinds (``dlm.processes.base.KINDS``) and parameterizations a loss
+  takes; a loss without the declaration (a user's ``module:function``) is given any process."""
   def deco(fn: LossFn) -> LossFn:
     fn.kinds = tuple(kinds)  # type: ignore[attr-defined]
+    fn.params = tuple(params)  # type: ignore[attr-defined]
     return fn
   return deco
 
@@ -59,7 +60,8 @@ def check_process(name: str, process: Process, fn: LossFn | None = None) -> None
   if fn is None and name in LOSSES.names():
     fn = LOSSES.get(name)
   check_takes("loss", name, getattr(fn, "kinds", None), process,
-              "pick a loss that takes it (nelbo takes every discrete kind)")
+              "pick a loss that takes it (nelbo takes every discrete kind)",
+              params=getattr(fn, "params", None))
 
 
 def _cfg_get(config: Any, key: str, default: Any) -> Any:
@@ -99,11 +101,12 @@ def _logits(model: Callable[..., Array], params: Any, x_t: Array,
 
 
 @LOSSES.register("nelbo")
-@takes("absorbing", "uniform", "general", "identity")
+@takes("absorbing", "uniform", "general", "identity", params=("x0", "score"))
 def nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
                model: Callable[..., Array], process: Process,
                config: Any) -> tuple[Array, Metrics]:
-  """Continuous-time NELBO, t ~ U(0,1] per sequence (MD4 eq. 4 / MDLM eq. 10; CTMC ELBO)."""
+  """Continuous-time NELBO, t ~ U(0,1] per sequence (MD4 eq. 4 / MDLM eq. 10; CTMC ELBO; for
+  score-parameterized processes SEDD's DWDSE, Lou et al. 2024 eq. 8): ``process.nelbo``."""
   x0, loss_mask = _tokens_and_mask(batch)
   rng_t, rng_x = jax.random.split(rng)
   ids, n_rows = common.batch_rows(batch)

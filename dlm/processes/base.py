@@ -80,12 +80,17 @@ def describe(process: Any) -> tuple[str, str]:
 
 
 def check_takes(what: str, name: str, kinds: tuple[str, ...] | None, process: Any,
-                fix: str = "") -> None:
-  """One line unless ``process``'s kind is among ``kinds`` (None: any process)."""
-  if kinds is None:
+                fix: str = "", params: tuple[str, ...] | None = None) -> None:
+  """One line unless ``process``'s kind is among ``kinds`` and its parameterization among
+  ``params`` (None: any)."""
+  if kinds is None and params is None:
     return
   kind, param = describe(process)
-  if kind not in kinds:
+  if kinds is not None and kind not in kinds:
     raise UserError(f"{what} {name!r} cannot take process {type(process).__name__!r} (kind"
                     f" {kind}, {param}-parameterized): it takes {' or '.join(kinds)} processes"
                     + (f"; {fix}" if fix else ""))
+  if params is not None and param not in params:
+    raise UserError(f"{what} {name!r} cannot take process {type(process).__name__!r} (kind"
+                    f" {kind}, {param}-parameterized): it takes {' or '.join(params)}-"
+                    f"parameterized processes" + (f"; {fix}" if fix else ""))

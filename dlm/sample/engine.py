@@ -138,6 +138,8 @@ def declare(make: Callable[..., Sampler], *, knobs: dict[str, Knob],
   make.infill = infill  # type: ignore[attr-defined]
   make.causal = causal  # type: ignore[attr-defined]
   make.kinds = None if kinds is None else tuple(kinds)  # type: ignore[attr-defined]
+  # built-in samplers read x0 predictions; a user's declares nothing and takes any process
+  make.params = None if kinds is None else ("x0",)  # type: ignore[attr-defined]
 
 
 def check_sampler(model: Any, name: str, make: Callable[..., Sampler]) -> None:
@@ -146,7 +148,8 @@ def check_sampler(model: Any, name: str, make: Callable[..., Sampler]) -> None:
   check_model_kind(name, make, model.model_cfg.mask_kind == "causal")
   from dlm.processes import base
   base.check_takes("sampler", name, getattr(make, "kinds", None), _process(model),
-                   "use sampler='ancestral' (any x0-parameterized discrete process)")
+                   "use sampler='ancestral' (any x0-parameterized discrete process)",
+                   params=getattr(make, "params", None))
 
 
 def check_model_kind(name: str, make: Callable[..., Sampler], causal: bool) -> None:
