@@ -8,7 +8,8 @@ Trains on a 2-core CPU in under ten minutes, then samples:
 
 ``--config=configs/quickstart.py:smoke`` is the same recipe sized to finish in
 under two minutes (used by the end-to-end test).  ``:uniform`` swaps in the
-uniform-state process (UDLM) with a time-conditioned denoiser.  ``:ar`` is the
+uniform-state process (UDLM) with a time-conditioned denoiser.  ``:sedd`` is SEDD (score
+entropy on the absorbing graph, the ``sedd`` sampler).  ``:ar`` is the
 autoregressive baseline on the same data and model size (causal attention, next-token
 loss, the ``ar`` sampler with a KV cache); ``:smoke,ar`` combines them.  ``:bd3,block=4``
 is BD3-LM block diffusion with blocks of 4 (the block NELBO over x_t (+) x_0).
@@ -39,7 +40,7 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg)
-  known = {"smoke", "uniform", "ar", "bd3", "block"}
+  known = {"smoke", "uniform", "ar", "bd3", "block", "sedd"}
   if set(args) - known:
     raise ValueError(f"configs/quickstart.py: unknown argument(s) {sorted(set(args) - known)};"
                      f" known: {sorted(known)}")
@@ -162,6 +163,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.process.name = "uniform"
     c.loss.name = "nelbo"  # the count form is for absorbing processes only
     c.model.time_conditioning = True
+
+  if args.get("sedd"):  # SEDD (Lou et al. 2024): score entropy on the absorbing graph
+    c.process.name = "sedd_absorbing"
+    c.process.scale_by_sigma = True  # the network predicts the score up to log r(t)
+    c.process.schedule = ml_collections.ConfigDict({"name": "loglinear"})  # SEDD's noise
+    c.loss.name = "nelbo"  # for a score-parameterized process: the DWDSE
+    c.sample.sampler = "sedd"
 
   if args.get("ar"):  # the autoregressive baseline: causal attention, next-token NLL
     c.process.name = "autoregressive"

@@ -110,7 +110,7 @@ SAMPLERS: Registry[Callable[..., Sampler]] = Registry("sampler")
 
 def register(name: str, *, knobs: dict[str, Knob], length: str | None = "gen_length",
              pads: bool = True, infill: bool = False, causal: bool = False, doc: str = "",
-             kinds: tuple[str, ...] | None = None
+             kinds: tuple[str, ...] | None = None, params: tuple[str, ...] = ("x0",)
              ) -> Callable[[Callable[..., Sampler]], Callable[..., Sampler]]:
   """Registers a sampler factory with its knobs.
 
@@ -118,18 +118,20 @@ def register(name: str, *, knobs: dict[str, Knob], length: str | None = "gen_len
   ``pads``: takes left-padded batches (an attention mask); ``infill``: takes any
   template of fixed positions (``sample``), not only a prompt followed by masks;
   ``causal``: decodes autoregressive models (causal attention), not diffusion models;
-  ``kinds``: the process kinds it denoises (``dlm.processes.base.KINDS``; None: any).
+  ``kinds``: the process kinds it denoises (``dlm.processes.base.KINDS``; None: any);
+  ``params``: the parameterizations of the denoiser's output it reads (x0, score, noise).
   """
   def deco(make: Callable[..., Sampler]) -> Callable[..., Sampler]:
     declare(make, knobs=knobs, length=length, pads=pads, infill=infill, causal=causal,
-            kinds=kinds)
+            kinds=kinds, params=params)
     return SAMPLERS.register(name)(make)
   return deco
 
 
 def declare(make: Callable[..., Sampler], *, knobs: dict[str, Knob],
             length: str | None = "gen_length", pads: bool = True, infill: bool = False,
-            causal: bool = False, kinds: tuple[str, ...] | None = None) -> None:
+            causal: bool = False, kinds: tuple[str, ...] | None = None,
+            params: tuple[str, ...] | None = None) -> None:
   """Attaches the knob table to a factory (``register`` without a registry name, for
   ``module:function`` samplers)."""
   make.knobs = dict(knobs)  # type: ignore[attr-defined]
@@ -138,8 +140,7 @@ def declare(make: Callable[..., Sampler], *, knobs: dict[str, Knob],
   make.infill = infill  # type: ignore[attr-defined]
   make.causal = causal  # type: ignore[attr-defined]
   make.kinds = None if kinds is None else tuple(kinds)  # type: ignore[attr-defined]
-  # built-in samplers read x0 predictions; a user's declares nothing and takes any process
-  make.params = None if kinds is None else ("x0",)  # type: ignore[attr-defined]
+  make.params = None if params is None else tuple(params)  # type: ignore[attr-defined]
 
 
 def check_sampler(model: Any, name: str, make: Callable[..., Sampler]) -> None:
@@ -164,7 +165,7 @@ def check_model_kind(name: str, make: Callable[..., Sampler], causal: bool) -> N
 
 
 def _builtins() -> None:
-  from dlm.sample import ar, bd3, dream, fast_dllm, llada, samplers  # noqa: F401  (register)
+  from dlm.sample import ar, bd3, dream, fast_dllm, llada, samplers, sedd  # noqa: F401  (register)
 
 
 def names() -> list[str]:
