@@ -18,7 +18,7 @@ from dlm.processes.schedules import (SCHEDULES, CosineSchedule,
                                      Schedule, build_from_config,
                                      config_to_dict, make_schedule)
 from dlm.processes.uniform import UniformProcess
-from dlm.processes.sedd import SEDDAbsorbing, SEDDUniform  # noqa: E402  (after their bases)
+from dlm.processes.score_entropy import SEDDAbsorbing, SEDDUniform  # noqa: E402  (after their bases)
 
 __all__ = [
     "PROCESSES", "SCHEDULES", "Process", "MaskedProcess", "UniformProcess",
