@@ -34,7 +34,7 @@ MODE_A, MODE_B = np.arange(1, 5), np.arange(5, 63)
 P_B, L = 0.25, 4
 PROCESS = {"name": "masked", "schedule": {"name": "linear", "eps": 1e-4}}
 KNOBS = dict(steps=1024, gen_length=L, temperature=0.45, top_p=1.0)
-NUM_SAMPLES = 1000
+NUM_SAMPLES = 800
 
 
 def _rows(rng: np.random.Generator, n: int) -> np.ndarray:

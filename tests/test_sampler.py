@@ -91,7 +91,7 @@ def test_ancestral_reproduces_known_distribution(name):
   process = processes.make_process({"name": name, "schedule": {"name": "linear"}},
                                    vocab_size=vocab, mask_id=MASK if name == "masked" else 0)
   denoise = masked_exact_denoiser(p) if name == "masked" else uniform_exact_denoiser(p, process)
-  n = 20_000
+  n = 10_000
   given = np.zeros((L,), np.int32)
   fixed = np.zeros((L,), bool)
   tokens, nfe = generate.sample_tokens(denoise, process, given, fixed, num_samples=n, seed=0,

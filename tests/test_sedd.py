@@ -201,7 +201,7 @@ def test_samplers_reproduce_a_known_distribution(name, predictor, steps):
   process = _graph(name)
   rng = np.random.default_rng(6)
   joint, other = (rng.dirichlet(np.ones(TOK * TOK) * 0.5).reshape(TOK, TOK) for _ in range(2))
-  knobs = dict(steps=steps, predictor=predictor, num_samples=4000, batch_size=4000,
+  knobs = dict(steps=steps, predictor=predictor, num_samples=3000, batch_size=3000,
                sampler="sedd", given=np.full(2, process.mask_id if process.kind == "absorbing"
                                               else 0, np.int32), fixed=np.zeros(2, bool))
   def run(j, seed):
@@ -228,15 +228,15 @@ def test_quickstart_sedd_trains_evaluates_and_samples(tmp_path):
                                   text=True, env=env, cwd=root, timeout=600)
   workdir = tmp_path / "sedd"
   r = run("train", "--config=configs/quickstart.py:smoke,sedd", f"--workdir={workdir}",
-          "--config.train.steps=40", "--config.train.eval_every=40")
+          "--config.train.steps=20", "--config.train.eval_every=20")
   assert r.returncode == 0, r.stderr[-2000:]
   log = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   losses_ = [x["loss"] for x in log if "loss" in x]
   assert np.isfinite(losses_).all() and losses_[-1] < losses_[0]
-  r = run("eval", f"--workdir={workdir}", "--max_rows=32")
+  r = run("eval", f"--workdir={workdir}", "--max_rows=16")
   assert r.returncode == 0, r.stderr[-2000:]
   got = json.loads(r.stdout.strip().splitlines()[-1])
   assert got["process"] == "sedd_absorbing" and 0 < got["bits_per_byte"] < 20
-  r = run("sample", f"--workdir={workdir}", "--prompt=def ", "--num_samples=1", "--steps=8")
+  r = run("sample", f"--workdir={workdir}", "--prompt=def ", "--num_samples=1", "--steps=4")
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "(sedd, nfe 9, step 40)" in r.stdout
+  assert "(sedd, nfe 5, step 20)" in r.stdout
