@@ -148,9 +148,19 @@ def check_sampler(model: Any, name: str, make: Callable[..., Sampler]) -> None:
   samplers, and a sampler takes only the process kinds it declares."""
   check_model_kind(name, make, model.model_cfg.mask_kind == "causal")
   from dlm.processes import base
-  base.check_takes("sampler", name, getattr(make, "kinds", None), _process(model),
-                   "use sampler='ancestral' (any x0-parameterized discrete process)",
-                   params=getattr(make, "params", None))
+  process = _process(model)
+  kind, param = base.describe(process)
+
+  def takes(m: Any) -> bool:
+    kinds, params = getattr(m, "kinds", None), getattr(m, "params", None)
+    return (kinds is None or kind in kinds) and (params is None or param in params)
+
+  if not takes(make):  # name the built-in samplers that do take it
+    fits = [n for n in names()
+            if getattr(SAMPLERS.get(n), "kinds", None) and takes(SAMPLERS.get(n))]
+    base.check_takes("sampler", name, getattr(make, "kinds", None), process,
+                     f"use sampler={' or '.join(map(repr, fits))}" if fits else "",
+                     params=getattr(make, "params", None))
 
 
 def check_model_kind(name: str, make: Callable[..., Sampler], causal: bool) -> None:

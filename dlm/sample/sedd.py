@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dlm.errors import UserError
+from dlm.processes import base
 from dlm.sample import categorical as cat
 from dlm.sample import engine
 
@@ -52,7 +53,7 @@ def make(denoiser: engine.Denoiser, process: Any, *, steps: int, gen_length: int
   if not 0.0 < eps < 1.0:
     raise UserError(f"eps={eps!r} must be in (0, 1)")
   bits = cat.check_bits(gumbel_bits)
-  absorbing = getattr(process, "kind", None) == "absorbing"
+  absorbing = base.describe(process)[0] == "absorbing"
   dt = (1.0 - eps) / steps
   total = steps + int(bool(denoise))
 

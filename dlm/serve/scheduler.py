@@ -121,7 +121,6 @@ class Scheduler:
     self.thread = threading.Thread(target=self._loop, name="dlm-serve-scheduler", daemon=True)
     self.stopping = False
     self.params = model.sampling_params()
-    self.steps_run = 0
     self.busy = 0  # slots running a request (updated by the scheduler thread)
 
   # ------------------------------------------------------------------ requests --
@@ -204,7 +203,7 @@ class Scheduler:
       self.cond.notify()
     self.thread.join(timeout=30)
 
-  def warm(self, max_tokens: int, widths: int = 0) -> list[tuple[int, int]]:
+  def warm(self, max_tokens: int, widths: int = 0) -> list[tuple[int, float]]:
     """Compiles the default sampler's pools at ``max_tokens`` for every prompt canvas a request
     can get (bucket, 2x bucket, ... within the context; the first ``widths`` if > 0):
     (width, seconds) each.  Samplers without padding warm a 1-token prompt's pool only."""
@@ -212,7 +211,7 @@ class Scheduler:
     make = engine.resolve(name)
     gen = int(full[make.length])
     room = self.context - gen if self.context else 1 << 30
-    out: list[tuple[int, int]] = []
+    out: list[tuple[int, float]] = []
     n = 1
     while n <= room and (not widths or len(out) < widths):
       width = self.width(n, make, gen)
@@ -320,7 +319,8 @@ class Scheduler:
     total = width + gen
     blank = engine.blank_id(self.model)
     states = programs[0](self.params, np.full((self.slots, total), blank, np.int32),
-                         np.zeros((self.slots, total), bool), np.ones((self.slots, total), np.int32))
+                         np.zeros((self.slots, total), bool),
+                         np.ones((self.slots, total), np.int32))
     pool = Pool(key=key, make=make, width=width, gen=gen, padded=padded, programs=programs,
                 states=states, jobs=[None] * self.slots, last_used=time.monotonic())
     self.pools[key] = pool
@@ -359,7 +359,6 @@ class Scheduler:
           self._fail(job, 500, f"sampling failed: {_line(e)}", "error")
       self.pools.pop(pool.key, None)
       return
-    self.steps_run += 1
     if self.metrics is not None:
       self.metrics.step_seconds.observe(time.perf_counter() - t0)
     now = time.monotonic()
