@@ -9,7 +9,10 @@ Trains on a 2-core CPU in under ten minutes, then samples:
 ``--config=configs/quickstart.py:smoke`` is the same recipe sized to finish in
 under two minutes (used by the end-to-end test).  ``:uniform`` swaps in the
 uniform-state process (UDLM) with a time-conditioned denoiser.  ``:sedd`` is SEDD (score
-entropy on the absorbing graph, the ``sedd`` sampler).  ``:ar`` is the
+entropy on the absorbing graph, the ``sedd`` sampler).  ``:d3pm`` is D3PM (128 discrete steps,
+uniform transitions, the hybrid loss), ``:genmd4`` GenMD4 (learned per-token masking schedules),
+``:embed`` embedding diffusion (Gaussian over learned embeddings, self-conditioning, CDCD's
+time warping, DDPM sampling).  ``:ar`` is the
 autoregressive baseline on the same data and model size (causal attention, next-token
 loss, the ``ar`` sampler with a KV cache); ``:smoke,ar`` combines them.  ``:bd3,block=4``
 is BD3-LM block diffusion with blocks of 4 (the block NELBO over x_t (+) x_0).
@@ -40,7 +43,7 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg)
-  known = {"smoke", "uniform", "ar", "bd3", "block", "sedd"}
+  known = {"smoke", "uniform", "ar", "bd3", "block", "sedd", "d3pm", "genmd4", "embed"}
   if set(args) - known:
     raise ValueError(f"configs/quickstart.py: unknown argument(s) {sorted(set(args) - known)};"
                      f" known: {sorted(known)}")
@@ -170,6 +173,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.process.schedule = ml_collections.ConfigDict({"name": "loglinear"})  # SEDD's noise
     c.loss.name = "nelbo"  # for a score-parameterized process: the DWDSE
     c.sample.sampler = "sedd"
+
+  if args.get("d3pm"):  # D3PM (Austin et al. 2021): 128 discrete steps, uniform transitions
+    c.process = ml_collections.ConfigDict({
+        "name": "d3pm", "num_steps": 128, "transition": "uniform",
+        "schedule": {"name": "cosine", "eps": 1e-4}})
+    c.loss = ml_collections.ConfigDict({"name": "hybrid", "hybrid_coeff": 0.01,
+                                        "antithetic": True})  # D3PM's L_vb + lambda L_CE
+    c.model.time_conditioning = True
+    c.sample.steps = 128
+
+  if args.get("genmd4"):  # GenMD4 (Shi et al. 2024): per-token masking schedules, learned
+    c.process = ml_collections.ConfigDict({
+        "name": "genmd4", "power_init": 1.0, "eps": 1e-4, "t1": 1e-3,
+        "schedule": {"name": "linear"}})
+    c.loss = ml_collections.ConfigDict({"name": "genmd4", "antithetic": True})  # RLOO, 2 draws
+    c.model.time_conditioning = True  # the reverse step depends on t, not only on the masks
+
+  if args.get("embed"):  # embedding diffusion (Diffusion-LM, CDCD, Plaid), self-conditioned
+    c.process = ml_collections.ConfigDict({
+        "name": "gaussian", "self_condition": True, "time_warp": 32,
+        "schedule": {"name": "sqrt", "eps": 1e-4}})
+    c.loss = ml_collections.ConfigDict({"name": "cdcd", "antithetic": True})  # CE + time warp
+    c.model.time_conditioning = True
+    c.model.self_conditioning = True
+    c.sample.sampler = "ddpm"
 
   if args.get("ar"):  # the autoregressive baseline: causal attention, next-token NLL
     c.process.name = "autoregressive"

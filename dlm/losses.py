@@ -29,6 +29,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from dlm import processes
+from dlm.errors import UserError
 from dlm.processes import common
 from dlm.processes.base import Process, check_takes
 from dlm.registry import Registry
@@ -95,26 +97,90 @@ def denoiser_kwargs(batch: dict[str, Array]) -> dict[str, Array]:
 
 def _logits(model: Callable[..., Array], params: Any, x_t: Array,
             t: Array, vocab_size: int, **kw: Array) -> Array:
-  logits, _ = model(params, x_t, t, **kw)
-  common.check_logits(logits, x_t, vocab_size)
+  """The denoiser's logits f32 [B, L, V] at x_t: token ids [B, L], or continuous states
+  [B, L, D] (embedding diffusion), given as ``inputs_embeds``."""
+  if jnp.issubdtype(x_t.dtype, jnp.floating):
+    logits, _ = model(params, None, t, inputs_embeds=x_t, **kw)
+  else:
+    logits, _ = model(params, x_t, t, **kw)
+  common.check_logits(logits, x_t[..., 0] if x_t.ndim == 3 else x_t, vocab_size)
   return logits.astype(jnp.float32)
 
 
+def predict(model: Callable[..., Any], params: Any, process: Process, x_t: Array, t: Array,
+            rng: chex.PRNGKey | None = None, **kw: Array) -> Array:
+  """The denoiser's logits at x_t; for a process with ``self_condition`` (CDCD, Plaid; Chen et
+  al. 2023, Analog Bits, sec. 3.2) two passes, the second given the first's x0 probabilities
+  (no gradient through them); in training (``rng``) half the rows get zeros instead, as at the
+  first step of sampling."""
+  if not getattr(process, "self_condition", False):
+    return _logits(model, params, x_t, t, process.vocab_size, **kw)
+  first = jax.lax.stop_gradient(_logits(model, params, x_t, t, process.vocab_size, **kw))
+  probs = jax.nn.softmax(first, axis=-1)
+  if rng is not None:
+    use = jax.random.bernoulli(rng, 0.5, (probs.shape[0], 1, 1))
+    probs = jnp.where(use, probs, 0.0)
+  return _logits(model, params, x_t, t, process.vocab_size, self_cond=probs, **kw)
+
+
+def corrupt(process: Process, rng: chex.PRNGKey, row_ids: Array, x0: Array, t: Array,
+            loss_mask: Array | None) -> Array:
+  """x_t of every row (row i's noise from fold_in(rng, row_ids[i])), uncounted positions clean:
+  token ids [B, L], or for an embedding process states [B, L, D] (clean: ``process.clean``)."""
+  return keep_clean(process, common.corrupt_rows(process, rng, row_ids, x0, t), x0, loss_mask)
+
+
+def keep_clean(process: Process, x_t: Array, x0: Array, loss_mask: Array | None) -> Array:
+  """``common.keep_clean`` for token ids and for continuous states [B, L, D] (whose clean
+  value is ``process.clean(x0)``)."""
+  if x_t.ndim == x0.ndim + 1:  # continuous states
+    if loss_mask is None:
+      return x_t
+    return jnp.where(loss_mask[..., None] > 0, x_t, process.clean(x0).astype(x_t.dtype))
+  return common.keep_clean(x_t, x0, loss_mask)
+
+
 @LOSSES.register("nelbo")
-@takes("absorbing", "uniform", "general", "identity", params=("x0", "score"))
+@takes("absorbing", "uniform", "general", "gaussian", "identity", params=("x0", "score"))
 def nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
                model: Callable[..., Array], process: Process,
                config: Any) -> tuple[Array, Metrics]:
   """Continuous-time NELBO, t ~ U(0,1] per sequence (MD4 eq. 4 / MDLM eq. 10; CTMC ELBO; for
   score-parameterized processes SEDD's DWDSE, Lou et al. 2024 eq. 8): ``process.nelbo``."""
   x0, loss_mask = _tokens_and_mask(batch)
+  process = processes.bind(process, params)
+  rng_t, rng_x, rng_sc = jax.random.split(rng, 3)
+  ids, n_rows = common.batch_rows(batch)
+  t = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
+                          antithetic=bool(_cfg_get(config, "antithetic", True)))
+  x_t = corrupt(process, rng_x, ids, x0, t, loss_mask)
+  logits = predict(model, params, process, x_t, t, rng_sc, **denoiser_kwargs(batch))
+  return _per_token(process.nelbo(logits, x0, x_t, t, loss_mask), loss_mask)
+
+
+@LOSSES.register("hybrid")
+@takes("absorbing", "uniform", "general")
+def hybrid_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
+                model: Callable[..., Array], process: Process,
+                config: Any) -> tuple[Array, Metrics]:
+  """D3PM's hybrid loss (Austin+ 2021, eq. 5): L_vb + lambda E[-log p(x0 | x_t)], per counted
+  token; ``config.loss.hybrid_coeff`` is lambda (D3PM's name; 0.001 its default).  L_vb is the
+  process's NELBO at t ~ U(0, 1] (``nelbo``); the metrics' nelbo_sum is L_vb alone."""
+  coeff = float(_cfg_get(config, "hybrid_coeff", 0.001))
+  x0, loss_mask = _tokens_and_mask(batch)
+  process = processes.bind(process, params)
   rng_t, rng_x = jax.random.split(rng)
   ids, n_rows = common.batch_rows(batch)
   t = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
                           antithetic=bool(_cfg_get(config, "antithetic", True)))
-  x_t = common.keep_clean(common.corrupt_rows(process, rng_x, ids, x0, t), x0, loss_mask)
+  x_t = corrupt(process, rng_x, ids, x0, t, loss_mask)
   logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
-  return _per_token(process.nelbo(logits, x0, x_t, t, loss_mask), loss_mask)
+  nelbo, metrics = _per_token(process.nelbo(logits, x0, x_t, t, loss_mask), loss_mask)
+  absorbing = type(process).kind == "absorbing"
+  ce = common.nll_at(logits, x0, exclude=process.mask_id if absorbing else None)
+  ce = jnp.sum(ce * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1.0)
+  loss = nelbo + coeff * ce
+  return loss, dict(metrics, loss=loss, ce=ce)
 
 
 @LOSSES.register("discrete_nelbo")
@@ -140,10 +206,81 @@ def discrete_nelbo_loss(params: Any, batch: dict[str, Array],
                           antithetic=bool(_cfg_get(config, "antithetic", True)))
   i = jnp.clip(jnp.ceil(u * num_steps), 1, num_steps)  # [B] in {1..T}
   t, s = i / num_steps, (i - 1.0) / num_steps
-  x_t = common.keep_clean(common.corrupt_rows(process, rng_x, ids, x0, t), x0, loss_mask)
+  process = processes.bind(process, params)
+  x_t = corrupt(process, rng_x, ids, x0, t, loss_mask)
   logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
   per_seq = num_steps * process.discrete_nelbo(logits, x0, x_t, t, s, loss_mask)
   return _per_token(per_seq, loss_mask)
+
+
+def rloo_surrogate(f1: Array, f2: Array, log_q1: Array, log_q2: Array) -> Array:
+  """REINFORCE leave-one-out over two draws (Kool et al. 2019; GenMD4, Shi+ 2024, sec. 6) [B]:
+  0.5 (f1 + f2) + 0.5 sg(f1 - f2) (d log q1 - d log q2), where d log q = log q - sg(log q) is 0
+  in value, so the value is the NELBO estimate and the gradient adds each draw's score term with
+  the other draw as its baseline."""
+  box = lambda lq: lq - jax.lax.stop_gradient(lq)  # noqa: E731  (0, with the score's gradient)
+  return 0.5 * (f1 + f2) + 0.5 * jax.lax.stop_gradient(f1 - f2) * (box(log_q1) - box(log_q2))
+
+
+@LOSSES.register("genmd4")
+@takes("absorbing")
+def genmd4_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
+                model: Callable[..., Any], process: Process,
+                config: Any) -> tuple[Array, Metrics]:
+  """GenMD4's objective (Shi+ 2024, sec. 6): the NELBO at t ~ U(0, 1] for two draws of x_t,
+  the learnable schedule's gradient through the draws by ``rloo_surrogate``.  The process must
+  learn its schedule (``genmd4``: ``log_q`` and a bound ``power``)."""
+  if not hasattr(process, "log_q"):
+    raise UserError(f"loss 'genmd4' needs a process that learns its schedule (process 'genmd4'),"
+                    f" not {type(process).__name__!r}")
+  x0, loss_mask = _tokens_and_mask(batch)
+  process = processes.bind(process, params)
+  rng_t, rng_1, rng_2 = jax.random.split(rng, 3)
+  ids, n_rows = common.batch_rows(batch)
+  t = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
+                          antithetic=bool(_cfg_get(config, "antithetic", True)))
+  f, log_q = [], []
+  for key in (rng_1, rng_2):
+    x_t = corrupt(process, key, ids, x0, t, loss_mask)
+    logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
+    f.append(process.nelbo(logits, x0, x_t, t, loss_mask))
+    log_q.append(process.log_q(x_t, x0, t, loss_mask))
+  loss, metrics = _per_token(rloo_surrogate(f[0], f[1], log_q[0], log_q[1]), loss_mask)
+  w = process.power()
+  data = jnp.arange(process.vocab_size) != process.mask_id
+  metrics.update(power_min=jnp.min(jnp.where(data, w, jnp.inf)),
+                 power_max=jnp.max(jnp.where(data, w, -jnp.inf)),
+                 power_mean=jnp.sum(jnp.where(data, w, 0.0)) / jnp.sum(data))
+  return loss, metrics
+
+
+@LOSSES.register("cdcd")
+@takes("gaussian")
+def cdcd_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
+              model: Callable[..., Any], process: Process,
+              config: Any) -> tuple[Array, Metrics]:
+  """CDCD's score-interpolation objective (Dieleman+ 2022, sec. 3 and 6.1): the cross-entropy
+  -log p(x0 | z_t) per counted token, t drawn from the learned time warp (the process's
+  ``time_warp`` bins; uniform without), plus the warp's fit to the cross-entropy curve.  Not a
+  bound: ``dlm eval`` still reports the process's NELBO in bits per byte."""
+  x0, loss_mask = _tokens_and_mask(batch)
+  process = processes.bind(process, params)
+  rng_t, rng_x, rng_sc = jax.random.split(rng, 3)
+  ids, n_rows = common.batch_rows(batch)
+  u = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
+                          antithetic=bool(_cfg_get(config, "antithetic", True)))
+  warp = bool(getattr(process, "time_warp", 0))
+  t = jnp.clip(process.warp_sample(u), common.T_MIN, 1.0) if warp else u
+  x_t = corrupt(process, rng_x, ids, x0, t, loss_mask)
+  logits = predict(model, params, process, x_t, t, rng_sc, **denoiser_kwargs(batch))
+  ce = jnp.sum(common.nll_at(logits, x0, exclude=process.mask_id) * loss_mask, -1)  # [B]
+  loss, metrics = _per_token(ce, loss_mask)
+  if warp:
+    per_token = ce / jnp.maximum(jnp.sum(loss_mask, -1), 1.0)
+    fit = jnp.mean(process.warp_fit(t, per_token))
+    loss = loss + fit
+    metrics.update(loss=loss, warp_fit=fit)
+  return loss, metrics
 
 
 @LOSSES.register("nelbo_count")

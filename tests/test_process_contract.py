@@ -84,7 +84,7 @@ def test_a_sampler_names_the_process_it_cannot_take():
   assert "\n" not in str(e.value) and "ancestral" in str(e.value)
   out = model.generate(prompt, sampler="ancestral", steps=2, gen_length=2)
   assert out.sequences.shape == (1, 4)
-  assert engine.resolve("ancestral").kinds == ("absorbing", "uniform")
+  assert engine.resolve("ancestral").kinds == ("absorbing", "uniform", "general")
 
 
 @pytest.mark.parametrize("make", [_masked, _uniform])

@@ -289,7 +289,7 @@ def test_process_registry(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="schedule"):
     make_process({"name": "masked"}, vocab_size=V, mask_id=MASK)
   with pytest.raises(ValueError, match="known: .*masked.*uniform"):
-    make_process({"name": "gaussian", "schedule": "linear"}, vocab_size=V, mask_id=MASK)
+    make_process({"name": "flow", "schedule": "linear"}, vocab_size=V, mask_id=MASK)
 
 
 def test_loss_registry(tmp_path, monkeypatch):
@@ -302,7 +302,7 @@ def test_loss_registry(tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(str(tmp_path))
   assert losses.get_loss("my_loss:zero")(None, None, None, model=None, process=None,
                                          config=None)[0] == 0.0
-  with pytest.raises(ValueError, match="known: bd3_nelbo, discrete_nelbo, .*nelbo"):
+  with pytest.raises(ValueError, match="known: bd3_nelbo, cdcd, discrete_nelbo, .*nelbo"):
     losses.get_loss("mse")
 
 

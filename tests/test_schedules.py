@@ -100,7 +100,7 @@ def test_params_and_configdict():
 
 def test_unknown_name_lists_known():
   with pytest.raises(ValueError, match="known: cosine, geometric, linear"):
-    make_schedule({"name": "sqrt"})
+    make_schedule({"name": "quadratic"})
 
 
 def test_unknown_param_is_one_line_error():

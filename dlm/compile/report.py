@@ -16,7 +16,6 @@ per token; 2 N D per sampler call) at a stated MFU:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import time
@@ -27,11 +26,11 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dlm import parallel, processes
+from dlm import parallel
 from dlm.compile import topology
 from dlm.data import inputs, tokenizer as tokenizer_lib
 from dlm.errors import UserError
-from dlm.models import lora, transformer
+from dlm.models import loader, transformer
 from dlm.train import mfu
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -40,12 +39,8 @@ _COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 
 def _model(config: ml_collections.ConfigDict) -> tuple[transformer.ModelConfig, Any]:
   vocab = int(config.data.vocab_size)
-  model_cfg = transformer.ModelConfig.from_config(config.model, vocab_size=vocab)
-  model_cfg = dataclasses.replace(model_cfg, **lora.settings(config))  # config.lora adapters
   # The mask id is a constant of the program: it changes no shape, byte or FLOP.
-  process = processes.make_process(config.process, vocab_size=vocab,
-                                   mask_id=tokenizer_lib.MASK_ID)
-  return model_cfg, process
+  return loader.build(config, vocab, tokenizer_lib.MASK_ID)
 
 
 def _abstract(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.ShapeDtypeStruct:

@@ -77,6 +77,9 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *,
   if m.model_cfg.time_conditioning:
     raise UserError("a time-conditioned model (model.time_conditioning=True) has no LLaDA/Dream"
                     " equivalent; export a model trained without it")
+  if m.model_cfg.process_params or m.model_cfg.self_conditioning:
+    raise UserError("a model with learned process parameters or self-conditioning has no"
+                    " LLaDA/Dream equivalent; export a masked-diffusion model")
   model = dataclasses.asdict(m.model_cfg)
   rank, alpha = model.pop("lora_rank"), model.pop("lora_alpha")
   model.pop("lora_targets")

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dlm import losses, parallel
-from dlm.processes import common
+from dlm import losses, parallel, processes
 from dlm.data import pipeline
 
 
@@ -82,13 +81,14 @@ def eval_step(params: Any, batch: dict[str, jax.Array], t: jax.Array, rng: jax.A
   """
   x0 = batch["tokens"]
   loss_mask = batch["loss_mask"]
-  x_t = common.keep_clean(process.corrupt(rng, x0, t), x0, loss_mask)
+  process = processes.bind(process, params)
+  x_t = losses.keep_clean(process, process.corrupt(rng, x0, t), x0, loss_mask)
   if bd3_block_size:
     t_blocks = jnp.broadcast_to(t[:, None], (x0.shape[0], x0.shape[1] // bd3_block_size))
     nelbo = losses.bd3_block_nelbo(model, params, process, x0, x_t, t_blocks, bd3_block_size,
                                    loss_mask, **losses.denoiser_kwargs(batch))
     return {"nelbo_sum": jnp.sum(nelbo), "num_tokens": jnp.sum(loss_mask)}
-  logits, _ = model(params, x_t, t, **losses.denoiser_kwargs(batch))
+  logits = losses.predict(model, params, process, x_t, t, **losses.denoiser_kwargs(batch))
   nelbo = process.nelbo(logits, x0, x_t, t, loss_mask=loss_mask)  # [B]
   return {"nelbo_sum": jnp.sum(nelbo), "num_tokens": jnp.sum(loss_mask)}
 

@@ -157,7 +157,9 @@ def build(config: ml_collections.ConfigDict, vocab_size: int,
   """(model config, process) of a dlm config: what training and loading both build."""
   model_cfg = transformer.ModelConfig.from_config(config.model, vocab_size=vocab_size)
   model_cfg = dataclasses.replace(model_cfg, **lora.settings(config))  # config.lora adapters
-  return model_cfg, processes.make_process(config.process, vocab_size=vocab_size, mask_id=mask_id)
+  process = processes.make_process(config.process, vocab_size=vocab_size, mask_id=mask_id)
+  learned = processes.learned_specs(process)  # parameters the process learns with the denoiser
+  return dataclasses.replace(model_cfg, process_params=learned), process
 
 
 def _cast(params: Any, dtype: str | None) -> Any:

@@ -46,6 +46,10 @@ class ModelConfig:
   # self-conditioning (Chen et al. 2023, Analog Bits; CDCD, Plaid): the denoiser also takes its
   # previous x0 estimate (``self_cond``), through a zero-initialised projection
   self_conditioning: bool = False
+  # parameters a process learns with the denoiser (GenMD4's schedule, ``Process.learned``),
+  # filled in by ``loader.build`` from the process, never by hand: ((name, shape, logical axes,
+  # initial value), ...), kept under ``params["process"][name]``
+  process_params: tuple = ()
   dtype: str = "float32"
   remat: str = "none"
   # MaxText's scan_layers: True runs the layers under one scan (one layer compiled: small,
@@ -172,6 +176,10 @@ class Transformer(nnx.Module):
     self.time_embed = layers.TimeEmbed(cfg.cond_dim, rngs=rngs) if cfg.time_conditioning else None
     self.self_cond = (layers.param(rngs, jax.nn.initializers.zeros, (cfg.d_model, cfg.d_model),
                                    (None, "embed")) if cfg.self_conditioning else None)
+    if cfg.process_params:
+      self.process = nnx.Dict({
+          name: layers.param(rngs, jax.nn.initializers.constant(init), tuple(shape), tuple(axes))
+          for name, shape, axes, init in cfg.process_params})
     self.final_ada = (layers.AdaLNZero(cfg.cond_dim, cfg.d_model, 2, rngs=rngs)
                       if cfg.time_conditioning else None)
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)

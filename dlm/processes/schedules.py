@@ -98,6 +98,21 @@ class PolynomialSchedule(Schedule):
     return -self.power * t ** (self.power - 1.0)
 
 
+@SCHEDULES.register("sqrt")
+@dataclasses.dataclass(frozen=True)
+class SqrtSchedule(Schedule):
+  """alpha = 1 - sqrt((t + s) / (1 + s)) (Li et al. 2022, Diffusion-LM, sec. 4.2 'sqrt' schedule;
+  their s = 1e-4, normalised here so alpha(1) = 0): noise rises fast from a low start."""
+
+  s: float = 1e-4
+
+  def alpha_raw(self, t: Array) -> Array:
+    return 1.0 - jnp.sqrt((t + self.s) / (1.0 + self.s))
+
+  def dalpha_raw(self, t: Array) -> Array:
+    return -0.5 / jnp.sqrt((t + self.s) * (1.0 + self.s))
+
+
 @SCHEDULES.register("loglinear")
 @dataclasses.dataclass(frozen=True)
 class LogLinearSchedule(Schedule):

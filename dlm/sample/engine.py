@@ -175,7 +175,8 @@ def check_model_kind(name: str, make: Callable[..., Sampler], causal: bool) -> N
 
 
 def _builtins() -> None:
-  from dlm.sample import ar, bd3, dream, fast_dllm, llada, samplers, sedd  # noqa: F401  (register)
+  from dlm.sample import (ar, bd3, dream, fast_dllm, gaussian, llada, samplers,  # noqa: F401
+                          sedd)  # (register)
 
 
 def names() -> list[str]:
@@ -259,6 +260,12 @@ def _process(model: Any) -> Any:
                                   mask_id=model.ids["mask"])
     model.__dict__["_process"] = kept
   return kept
+
+
+def bind(process: Any, params: Any) -> Any:
+  """The process with the parameters it reads from the model's (``dlm.processes.bind``)."""
+  from dlm import processes
+  return processes.bind(process, params)
 
 
 def _ids(model: Any) -> dict[str, Any]:
@@ -358,7 +365,8 @@ def program(model: Any, name: str, make: Callable[..., Sampler], full: dict[str,
   def build() -> Callable[..., tuple[Array, Array, Array]]:
     def fn(params: Any, key: Array, g: Array, f: Array, a: Array | None):
       params = prepare(params)
-      final = run(make(denoiser_of_apply(apply, params, **ids), process, **full), key, g, f, a)
+      final = run(make(denoiser_of_apply(apply, params, **ids), bind(process, params), **full),
+                  key, g, f, a)
       return final.x, final.nfe, final.committed_at
     return fn
 
@@ -403,7 +411,7 @@ def slot_programs(model: Any, name: str, make: Callable[..., Sampler], full: dic
   ids = _ids(model)
 
   def sampler(params: Any) -> Sampler:
-    return make(denoiser_of_apply(apply, params, **ids), process, **full)
+    return make(denoiser_of_apply(apply, params, **ids), bind(process, params), **full)
 
   def init_one(smp: Sampler, key: Array, g: Array, f: Array, a: Array) -> State:
     return smp.init(key, g[None], f[None], a[None] if padded else None)

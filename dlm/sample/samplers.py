@@ -39,7 +39,7 @@ def x0_log_probs(process: Any, logits: Array, x_t: Array, temperature: float,
 
 
 @engine.register("ancestral", knobs=KNOBS, pads=False, infill=True,
-                 kinds=("absorbing", "uniform"))
+                 kinds=("absorbing", "uniform", "general"))
 def ancestral(denoiser: engine.Denoiser, process: Any, *, steps: int, gen_length: int = 64,
               temperature: float = 1.0, top_p: float = 1.0,
               gumbel_bits: int = 64) -> engine.Sampler:
