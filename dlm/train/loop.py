@@ -559,7 +559,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           t_last, last_step, data_s = now, step, 0.0
           writer.write(step, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu",
                                                 "step_s", "data_s", "nonfinite_total", "kl",
-                                                "clip_ratio") if k in m})
+                                                "clip_ratio", "ce", "warp_fit", "power_min",
+                                                "power_mean", "power_max") if k in m})
           bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
                           mfu=f"{m['mfu']:.1%}", step=f"{m['step_s'] * 1e3:.0f}ms",
                           data=f"{m['data_s'] * 1e3:.0f}ms")
