@@ -123,6 +123,12 @@ def predict(model: Callable[..., Any], params: Any, process: Process, x_t: Array
   return _logits(model, params, x_t, t, process.vocab_size, self_cond=probs, **kw)
 
 
+def self_cond_key(rng: chex.PRNGKey) -> chex.PRNGKey:
+  """The self-conditioning coins' key: apart from split(rng)'s keys, so adding
+  self-conditioning leaves every other draw of a loss as it was."""
+  return jax.random.fold_in(rng, 0x5C)
+
+
 def corrupt(process: Process, rng: chex.PRNGKey, row_ids: Array, x0: Array, t: Array,
             loss_mask: Array | None) -> Array:
   """x_t of every row (row i's noise from fold_in(rng, row_ids[i])), uncounted positions clean:
@@ -149,12 +155,13 @@ def nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   score-parameterized processes SEDD's DWDSE, Lou et al. 2024 eq. 8): ``process.nelbo``."""
   x0, loss_mask = _tokens_and_mask(batch)
   process = processes.bind(process, params)
-  rng_t, rng_x, rng_sc = jax.random.split(rng, 3)
+  rng_t, rng_x = jax.random.split(rng)
   ids, n_rows = common.batch_rows(batch)
   t = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
                           antithetic=bool(_cfg_get(config, "antithetic", True)))
   x_t = corrupt(process, rng_x, ids, x0, t, loss_mask)
-  logits = predict(model, params, process, x_t, t, rng_sc, **denoiser_kwargs(batch))
+  logits = predict(model, params, process, x_t, t, self_cond_key(rng),
+                   **denoiser_kwargs(batch))
   return _per_token(process.nelbo(logits, x0, x_t, t, loss_mask), loss_mask)
 
 
@@ -265,7 +272,8 @@ def cdcd_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   bound: ``dlm eval`` still reports the process's NELBO in bits per byte."""
   x0, loss_mask = _tokens_and_mask(batch)
   process = processes.bind(process, params)
-  rng_t, rng_x, rng_sc = jax.random.split(rng, 3)
+  rng_t, rng_x = jax.random.split(rng)
+  rng_sc = self_cond_key(rng)
   ids, n_rows = common.batch_rows(batch)
   u = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
                           antithetic=bool(_cfg_get(config, "antithetic", True)))
@@ -299,6 +307,10 @@ def count_nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   time-conditioned denoiser is given t = n / L.
   """
   check_process("nelbo_count", process, count_nelbo_loss)
+  if getattr(type(process), "per_token_schedule", False):
+    raise UserError(f"loss 'nelbo_count' assumes one schedule for every token; process"
+                    f" {type(process).__name__!r} masks each token on its own: use loss 'genmd4'"
+                    f" or 'nelbo'")
   x0, loss_mask = _tokens_and_mask(batch)
   b = x0.shape[0]
   rng_n, rng_pos = jax.random.split(rng)

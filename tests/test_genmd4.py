@@ -135,7 +135,42 @@ def test_the_denoiser_carries_the_learned_exponents_and_bad_knobs_are_one_line()
   np.testing.assert_allclose(processes.bind(proc, params).power(), np.full(10, 2.0), rtol=1e-6)
   with pytest.raises(UserError, match="power_init"):
     GenMD4Process(V, MASK, PolynomialSchedule(), power_init=0.0)
+  with pytest.raises(UserError, match="'nelbo_count' assumes one schedule for every token"):
+    losses.count_nelbo_loss(None, {"tokens": jnp.zeros((1, 2), jnp.int32)}, jax.random.key(0),
+                            model=None, process=proc, config=None)
   with pytest.raises(UserError, match="genmd4"):
     losses.genmd4_loss(None, {"tokens": jnp.zeros((1, 2), jnp.int32)}, jax.random.key(0),
                        model=None, process=MaskedProcess(V, MASK, PolynomialSchedule()),
                        config=None)
+
+
+def test_marginals_and_ancestral_samples_follow_the_per_token_schedules():
+  """Forward: each token is masked with its own probability (1 - eps) tau^{w_v}.  Reverse: with
+  the exact one-position denoiser (mu_t(v) ∝ p(v) (1 - alpha_t(v))) the ancestral sampler's
+  draws pass a chi-square test against p, and fail it against another law."""
+  from scipy import stats
+  from dlm.sample import generate
+  proc = _bound([0.5, 1.0, 3.0, 1.0])
+  x0 = jnp.asarray([[0, 1, 2]] * 20000, jnp.int32)
+  t = jnp.full((20000,), 0.4, jnp.float32)
+  freq = np.mean(np.asarray(proc.corrupt(jax.random.key(0), x0, t)) == MASK, 0)
+  np.testing.assert_allclose(freq, np.asarray(1.0 - proc.marginal(x0[:1], t[:1])[0, :, :3]
+                                             .max(-1)), atol=0.015)
+  law = np.array([0.5, 0.3, 0.2])
+
+  def exact(denoised_law):
+    def logits_fn(x_t, t):
+      post = jnp.asarray(denoised_law, jnp.float32) * proc.masked_v(t)[:, :3]
+      return jnp.broadcast_to(jnp.log(jnp.concatenate(
+          [post, jnp.zeros((t.shape[0], 1))], -1))[:, None, :], x_t.shape + (V,))
+    return logits_fn
+
+  def chi(denoised_law):
+    tokens, _ = generate.sample_tokens(exact(denoised_law), proc, np.full((1,), MASK),
+                                       np.zeros((1,), bool), num_samples=3000, seed=5,
+                                       steps=64)
+    counts = np.bincount(tokens.reshape(-1), minlength=V)[:3]
+    return stats.chisquare(counts, law * counts.sum()).pvalue
+
+  assert chi(law) > 1e-3
+  assert chi(np.array([0.3, 0.3, 0.4])) < 1e-6

@@ -42,6 +42,8 @@ class GenMD4Process(MaskedProcess):
 
   kind: ClassVar[str] = "absorbing"
   parameterization: ClassVar[str] = "x0"
+  # alpha depends on the clean token: the any-order (count) form of the NELBO does not hold
+  per_token_schedule: ClassVar[bool] = True
 
   power_init: float = 1.0
   eps: float = 1e-4

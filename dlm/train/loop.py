@@ -580,7 +580,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                                    "ppl_bound")}, prefix="val_")
             if is_main:
               bar.write(f"step {step}: val bits/byte {ev['bits_per_byte']:.4f},"
-                        f" ppl bound {ev['ppl_bound']:.2f}")
+                        f" ppl bound {ev['ppl_bound']:.6g}")
         limit = float(tc.time_limit_s)
         if stop.stop_at(step) and step < total_steps:
           stop_reason = stop.signal_name or "signal"
