@@ -71,7 +71,10 @@ def test_pod_recipe_compiles_and_fits_its_slice(name):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("topo,fsdp,tensor", [("v5e-8", -1, 1), ("v5e-8", 1, 8), ("v5p-8", -1, 1)])
+@pytest.mark.parametrize("topo,fsdp,tensor", [("v5e-8", -1, 1)] + [
+    c if ALL_POD_RECIPES else pytest.param(*c, marks=pytest.mark.skip(
+        reason="~10 CPU-s each: DLM_TEST_ALL_POD_RECIPES=1 compiles it (.ci/run does)"))
+    for c in [("v5e-8", 1, 8), ("v5p-8", -1, 1)]])
 def test_llada_8b_sampler_loop_compiles_for_a_small_slice(topo, fsdp, tensor):
   """The whole LLaDA sampler loop of LLaDA-8B (512 calls), sharded as `dlm sample` shards it:
   bfloat16 weights split over the slice (not replicated), prompts over `data`."""

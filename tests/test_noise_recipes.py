@@ -17,7 +17,7 @@ PLUGINS = str(ROOT / "tests" / "plugins")
 # the stdlib's email package (29 files, ~370 KB; 1 in 5 for validation): a tokenizer and a
 # token cache in seconds
 EMAIL = str(pathlib.Path(__import__("sysconfig").get_paths()["stdlib"]) / "email")
-SHORT = ["--config.train.steps=12", "--config.train.eval_every=12",
+SHORT = ["--config.train.steps=12", "--config.train.eval_every=1000",
          "--config.train.checkpoint_every=12", "--config.train.log_every=4",
          f"--config.data.root={EMAIL}", "--config.data.val_permille=200"]
 
@@ -39,11 +39,10 @@ def _config(arg: str):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> pathlib.Path:
   """One smoke workdir's tokenizer and token cache, copied into every run (one tokenizer)."""
-  from dlm.train import loop
+  from dlm.data import inputs
   base = tmp_path_factory.mktemp("noise") / "base"
-  c = _config("smoke")
-  c.train.steps = c.train.eval_every = c.train.checkpoint_every = 1
-  loop.train(c, base)
+  base.mkdir()
+  inputs.make_train_input(_config("smoke").data, base, batch_size=16, seed=0)
   return base
 
 
@@ -85,20 +84,26 @@ def test_recipe_trains_evaluates_and_samples(recipe, sampler, process, data_dir,
   assert (out.sequences[:, :prompt.shape[1]] == prompt).all()
 
 
-def test_a_process_from_a_test_local_file_trains_evaluates_and_samples(data_dir, tmp_path):
+def test_a_process_from_a_test_local_file_trains_evaluates_and_samples(data_dir, tmp_path,
+                                                                     monkeypatch):
+  """Trained from the CLI, evaluated and sampled from Python: ``lazy_mask:LazyMaskProcess`` is
+  found on the path both ways, and a workdir naming it is loaded only when trusted."""
+  import dlm as dlm_api
+  from dlm.errors import UserError
+  from dlm.eval import run_eval
   workdir = _seeded(tmp_path, data_dir, "lazy")
-  name = "--config.process.name=lazy_mask:LazyMaskProcess"
-  dlm("train", "--config=configs/quickstart.py:smoke", f"--workdir={workdir}", name,
-      "--config.loss.name=nelbo", *SHORT, pythonpath=PLUGINS)
+  dlm("train", "--config=configs/quickstart.py:smoke", f"--workdir={workdir}",
+      "--config.process.name=lazy_mask:LazyMaskProcess", "--config.loss.name=nelbo", *SHORT,
+      pythonpath=PLUGINS)
   assert json.loads((workdir / "config.json").read_text())["process"]["name"] == \
       "lazy_mask:LazyMaskProcess"
-  # a workdir naming code imports it only when asked (untrusted input), in one line
-  r = dlm("eval", f"--workdir={workdir}", "--max_rows=16", check=False, pythonpath=PLUGINS)
-  assert r.returncode != 0 and "trust_config_code" in r.stderr.strip().splitlines()[-1]
-  r = dlm("eval", f"--workdir={workdir}", "--max_rows=16", "--trust_config_code",
-          pythonpath=PLUGINS)
-  got = json.loads(r.stdout.strip().splitlines()[-1])
+  monkeypatch.syspath_prepend(PLUGINS)
+  with pytest.raises(UserError, match="trust_config_code") as e:  # untrusted input: one line
+    dlm_api.from_pretrained(workdir)
+  assert "\n" not in str(e.value)
+  got = run_eval.evaluate_workdir(workdir, max_rows=16, trust_config_code=True)
   assert got["process"] == "lazy_mask:LazyMaskProcess" and 0 < got["bits_per_byte"] < 20
-  r = dlm("sample", f"--workdir={workdir}", "--num_samples=1", "--steps=4",
-          "--trust_config_code", pythonpath=PLUGINS)
-  assert "(ancestral, nfe" in r.stdout
+  model = dlm_api.from_pretrained(workdir, trust_config_code=True)
+  out = model.generate(np.asarray([model.tokenizer.encode("def ")], np.int32),
+                       sampler="ancestral", steps=4, gen_length=8)
+  assert out.nfe <= 4 and out.sequences.shape[1] == len(model.tokenizer.encode("def ")) + 8
