@@ -66,14 +66,6 @@ def test_eval_prints_json_last(trained):
   assert 0 < result["bits_per_byte"] < 20 and result["ppl_bound"] > 1
 
 
-def test_uniform_process_trains_and_samples(tmp_path):
-  workdir = tmp_path / "uniform"
-  dlm("train", f"--config={SMOKE},uniform", f"--workdir={workdir}", "--config.train.steps=10",
-      "--config.train.eval_every=10")
-  out = dlm("sample", f"--workdir={workdir}", "--prompt=def ", "--num_samples=1", "--steps=4")
-  assert out.stdout.split("=====\n", 1)[1].startswith("def ")
-
-
 def test_bad_inputs_get_one_line_errors(trained, tmp_path):
   before = sorted(p.name for p in (trained / "checkpoints").iterdir())
   cfg_before = (trained / "config.json").read_text()

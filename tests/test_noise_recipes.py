@@ -1,5 +1,5 @@
-"""Issue 22's recipes and extension point: ``configs/quickstart.py:sedd``, ``:d3pm``, ``:genmd4``
-and ``:embed`` train, evaluate (bits per byte) and sample on the one loop, eval and
+"""Issue 22's recipes and extension point: ``configs/quickstart.py:uniform`` (UDLM), ``:sedd``,
+``:d3pm``, ``:genmd4`` and ``:embed`` train, evaluate (bits per byte) and sample on the one loop, eval and
 engine; a process written in a test-local file (tests/plugins/lazy_mask.py), named by
 ``module:Class``, does the same without a line in dlm/."""
 
@@ -55,7 +55,8 @@ def _log(workdir: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("recipe, sampler, process", [("sedd", "sedd", "sedd_absorbing"),
+@pytest.mark.parametrize("recipe, sampler, process", [("uniform", "ancestral", "uniform"),
+                                                      ("sedd", "sedd", "sedd_absorbing"),
                                                       ("d3pm", "ancestral", "d3pm"),
                                                       ("genmd4", "ancestral", "genmd4"),
                                                       ("embed", "ddpm", "gaussian")])
