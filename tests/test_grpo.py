@@ -186,10 +186,10 @@ def test_grpo_resumes_exactly_after_sigkill_mid_cycle_with_every_d1_knob(base, t
       "grpo.random_masking": False, "grpo.generation_batch_size": 4, "grpo.scale_rewards": True,
       "loss.epsilon": 0.3, "loss.beta": 0.05, "loss.p_mask_prompt": 0.2}
   data = recipes.killed_then_resumed_is_exact(  # checkpoint 3 ends inside a two-step cycle
-      [f"--config={GRPO_SMOKE}", f"--init_from={base / 'base'}", "--config.train.steps=6",
-       "--config.train.checkpoint_every=3", "--config.train.log_every=3",
+      [f"--config={GRPO_SMOKE}", f"--init_from={base / 'base'}", "--config.train.steps=4",
+       "--config.train.checkpoint_every=3", "--config.train.log_every=2",
        "--config.train.eval_every=100", "--config.grpo.rewards=length",
-       *[f"--config.{k}={v}" for k, v in knobs.items()]], tmp_path, 6, kill_after=3)
+       *[f"--config.{k}={v}" for k, v in knobs.items()]], tmp_path, 4, kill_after=3)
   cfg = json.loads((tmp_path / "a" / "config.json").read_text())
   for k, v in knobs.items():
     section, name = k.split(".")
