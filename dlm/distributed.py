@@ -21,12 +21,19 @@ import jax
 ENV_COORDINATOR = "DLM_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "DLM_NUM_PROCESSES"
 ENV_PROCESS_ID = "DLM_PROCESS_ID"
+ENV_HEARTBEAT = "DLM_HEARTBEAT_TIMEOUT_S"  # seconds without a peer's heartbeat before failing
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, auto: bool = False,
-               heartbeat_timeout_s: int = 20) -> bool:
-  """Joins the job if one is configured; returns whether this is a multi-process run."""
+               heartbeat_timeout_s: int | None = None) -> bool:
+  """Joins the job if one is configured; returns whether this is a multi-process run.
+  ``heartbeat_timeout_s``: None reads DLM_HEARTBEAT_TIMEOUT_S (default 20 s)."""
+  if heartbeat_timeout_s is None:
+    raw = os.environ.get(ENV_HEARTBEAT, "20")
+    if not raw.isdigit() or int(raw) < 1:
+      raise ValueError(f"{ENV_HEARTBEAT}={raw!r} must be a whole number of seconds >= 1")
+    heartbeat_timeout_s = int(raw)
   coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
   if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
     num_processes = int(os.environ[ENV_NUM_PROCESSES])

@@ -48,7 +48,7 @@ def _start_pair(workdir: pathlib.Path, stdout: int) -> list[subprocess.Popen]:
                "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000",
                f"--config.data.root={EMAIL}", "--config.data.val_permille=200"],
       env=_env(4, DLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DLM_NUM_PROCESSES="2",
-               DLM_PROCESS_ID=str(i)),
+               DLM_PROCESS_ID=str(i), DLM_HEARTBEAT_TIMEOUT_S="5"),
       cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True) for i in range(2)]
 
 
