@@ -81,6 +81,19 @@ def _tokens_and_mask(batch: dict[str, Array]) -> tuple[Array, Array]:
   return x0, common.loss_mask_or_ones(batch.get("loss_mask"), x0)
 
 
+def _rows_and_times(batch: dict[str, Array], rng: chex.PRNGKey, config: Any,
+                    keys: int = 1) -> tuple[Array, Array, Array, Array, list[chex.PRNGKey]]:
+  """(x0, loss_mask, row ids, u [B] ~ U(0, 1] per row, ``keys`` more keys) of a time-sampled
+  loss: rng splits into u's key and the rest; u is stratified over the whole batch when
+  ``config.antithetic`` (``common.sample_times``)."""
+  x0, loss_mask = _tokens_and_mask(batch)
+  rng_t, *rest = jax.random.split(rng, 1 + keys)
+  ids, n_rows = common.batch_rows(batch)
+  u = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
+                          antithetic=bool(_cfg_get(config, "antithetic", True)))
+  return x0, loss_mask, ids, u, rest
+
+
 def _per_token(nelbo_per_seq: Array, loss_mask: Array) -> tuple[Array, Metrics]:
   """[B] nats -> (nats per counted token, metrics)."""
   nelbo_sum = jnp.sum(nelbo_per_seq)
@@ -153,12 +166,8 @@ def nelbo_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
                config: Any) -> tuple[Array, Metrics]:
   """Continuous-time NELBO, t ~ U(0,1] per sequence (MD4 eq. 4 / MDLM eq. 10; CTMC ELBO; for
   score-parameterized processes SEDD's DWDSE, Lou et al. 2024 eq. 8): ``process.nelbo``."""
-  x0, loss_mask = _tokens_and_mask(batch)
+  x0, loss_mask, ids, t, (rng_x,) = _rows_and_times(batch, rng, config)
   process = processes.bind(process, params)
-  rng_t, rng_x = jax.random.split(rng)
-  ids, n_rows = common.batch_rows(batch)
-  t = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
-                          antithetic=bool(_cfg_get(config, "antithetic", True)))
   x_t = corrupt(process, rng_x, ids, x0, t, loss_mask)
   logits = predict(model, params, process, x_t, t, self_cond_key(rng),
                    **denoiser_kwargs(batch))
@@ -174,12 +183,8 @@ def hybrid_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   token; ``config.loss.hybrid_coeff`` is lambda (D3PM's name; 0.001 its default).  L_vb is the
   process's NELBO at t ~ U(0, 1] (``nelbo``); the metrics' nelbo_sum is L_vb alone."""
   coeff = float(_cfg_get(config, "hybrid_coeff", 0.001))
-  x0, loss_mask = _tokens_and_mask(batch)
+  x0, loss_mask, ids, t, (rng_x,) = _rows_and_times(batch, rng, config)
   process = processes.bind(process, params)
-  rng_t, rng_x = jax.random.split(rng)
-  ids, n_rows = common.batch_rows(batch)
-  t = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
-                          antithetic=bool(_cfg_get(config, "antithetic", True)))
   x_t = corrupt(process, rng_x, ids, x0, t, loss_mask)
   logits = _logits(model, params, x_t, t, process.vocab_size, **denoiser_kwargs(batch))
   nelbo, metrics = _per_token(process.nelbo(logits, x0, x_t, t, loss_mask), loss_mask)
@@ -206,11 +211,7 @@ def discrete_nelbo_loss(params: Any, batch: dict[str, Array],
   if num_steps < 1:
     raise ValueError(
         f"discrete_nelbo needs config.loss.num_steps >= 1, got {num_steps}")
-  x0, loss_mask = _tokens_and_mask(batch)
-  rng_t, rng_x = jax.random.split(rng)
-  ids, n_rows = common.batch_rows(batch)
-  u = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
-                          antithetic=bool(_cfg_get(config, "antithetic", True)))
+  x0, loss_mask, ids, u, (rng_x,) = _rows_and_times(batch, rng, config)
   i = jnp.clip(jnp.ceil(u * num_steps), 1, num_steps)  # [B] in {1..T}
   t, s = i / num_steps, (i - 1.0) / num_steps
   process = processes.bind(process, params)
@@ -240,12 +241,8 @@ def genmd4_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   if not hasattr(process, "log_q"):
     raise UserError(f"loss 'genmd4' needs a process that learns its schedule (process 'genmd4'),"
                     f" not {type(process).__name__!r}")
-  x0, loss_mask = _tokens_and_mask(batch)
+  x0, loss_mask, ids, t, (rng_1, rng_2) = _rows_and_times(batch, rng, config, keys=2)
   process = processes.bind(process, params)
-  rng_t, rng_1, rng_2 = jax.random.split(rng, 3)
-  ids, n_rows = common.batch_rows(batch)
-  t = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
-                          antithetic=bool(_cfg_get(config, "antithetic", True)))
   f, log_q = [], []
   for key in (rng_1, rng_2):
     x_t = corrupt(process, key, ids, x0, t, loss_mask)
@@ -270,13 +267,9 @@ def cdcd_loss(params: Any, batch: dict[str, Array], rng: chex.PRNGKey, *,
   -log p(x0 | z_t) per counted token, t drawn from the learned time warp (the process's
   ``time_warp`` bins; uniform without), plus the warp's fit to the cross-entropy curve.  Not a
   bound: ``dlm eval`` still reports the process's NELBO in bits per byte."""
-  x0, loss_mask = _tokens_and_mask(batch)
+  x0, loss_mask, ids, u, (rng_x,) = _rows_and_times(batch, rng, config)
   process = processes.bind(process, params)
-  rng_t, rng_x = jax.random.split(rng)
   rng_sc = self_cond_key(rng)
-  ids, n_rows = common.batch_rows(batch)
-  u = common.sample_times(rng_t, x0.shape[0], row_ids=ids, num_rows=n_rows,
-                          antithetic=bool(_cfg_get(config, "antithetic", True)))
   warp = bool(getattr(process, "time_warp", 0))
   t = jnp.clip(process.warp_sample(u), common.T_MIN, 1.0) if warp else u
   x_t = corrupt(process, rng_x, ids, x0, t, loss_mask)
